@@ -1,0 +1,213 @@
+"""The attention core shared by the vision, audio and text stacks.
+
+It replaces megatron-core's ``core_attention`` (``DotProductAttention`` materialises the
+score matrix and runs at about half the speed of SDPA). The backend comes from
+``platform.get_platform().attention_backend``:
+
+* ``sdpa``        CUDA: ``torch.nn.attention.varlen.varlen_attn`` (flash) for packed sequences,
+                  ``F.scaled_dot_product_attention`` (cuDNN / flash) for padded batches.
+* ``npu_fusion``  Ascend: ``torch_npu.npu_fusion_attention`` (TND layout for packed sequences).
+* ``sdpa_math``   CPU: SDPA with a block-diagonal (and causal) boolean mask.
+
+Packed sequences travel as megatron's ``PackedSeqParams`` with ``qkv_format="sbhd"`` and batch 1:
+the tensors keep megatron's ``[s, b, h, d]`` layout (so per-token rotary tables apply unchanged)
+and ``cu_seqlens_q`` marks where each sequence (image, window, audio chunk, text row) starts.
+A stack that needs a different segmentation per layer (the vision encoder's window / full
+attention layers) passes a :class:`LayerwisePackedSeqParams`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mm_omni.platform import get_platform
+
+
+@dataclass
+class LayerwisePackedSeqParams(PackedSeqParams):
+    """Packed-sequence boundaries that differ per layer.
+
+    ``per_layer`` maps a 0-based layer index (megatron's ``layer_number - 1``, global across
+    pipeline stages) to its own ``PackedSeqParams``; layers not in it use this object's own
+    ``cu_seqlens_q``.
+    """
+
+    per_layer: dict = field(default_factory=dict)
+
+    def for_layer(self, layer_index: int) -> PackedSeqParams:
+        return self.per_layer.get(layer_index, self)
+
+
+def packed_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    """PackedSeqParams for self-attention within the segments given by ``cu_seqlens``."""
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return PackedSeqParams(
+        qkv_format="sbhd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_len,
+        max_seqlen_kv=max_len,
+    )
+
+
+def block_diagonal_mask(cu_seqlens: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean [t, t] mask, True where attention is allowed (same segment, and causal if asked)."""
+    total = int(cu_seqlens[-1])
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+    allowed = segment[:, None] == segment[None, :]
+    if causal:
+        pos = torch.arange(total, device=cu_seqlens.device)
+        allowed = allowed & (pos[:, None] >= pos[None, :])
+    return allowed
+
+
+class CoreAttention(MegatronModule):
+    """Drop-in ``core_attention`` for megatron-core's ``SelfAttention``.
+
+    Inputs are megatron's ``[s, b, heads, head_dim]`` (keys/values may have fewer heads: GQA);
+    the output is ``[s, b, heads * head_dim]``. ``attention_mask`` follows megatron's convention
+    (boolean, True = masked out, broadcastable to ``[b, 1, s, s]``).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("context parallel attention is not implemented yet")
+        self.layer_index = max(1, layer_number) - 1
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
+        self.backend = get_platform().attention_backend
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by mm_omni's CoreAttention")
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+        dropout = self.dropout_p if self.training else 0.0
+        if isinstance(packed_seq_params, LayerwisePackedSeqParams):
+            packed_seq_params = packed_seq_params.for_layer(self.layer_index)
+        s, b, hq, d = query.shape
+        if packed_seq_params is not None:
+            if b != 1:
+                raise ValueError(f"packed sequences need batch size 1 in [s, b, h, d]; got b={b}")
+            # squeeze (a view) rather than [:, 0]: its backward needs no zero-filled copy
+            out = self._packed(query.squeeze(1), key.squeeze(1), value.squeeze(1), packed_seq_params, causal, dropout)
+            return out.reshape(s, 1, hq * d)
+        out = self._padded(query, key, value, attention_mask, causal, dropout)
+        return out.reshape(s, b, hq * d)
+
+    # -- padded batches ---------------------------------------------------------------------
+    def _padded(self, q, k, v, attention_mask, causal, dropout):
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        mask = None
+        if attention_mask is not None:
+            mask = ~attention_mask  # SDPA: True = attend
+            causal = False  # megatron masks passed explicitly already carry causality
+        if self.backend == "npu_fusion":
+            out = _npu_attention_bnsd(q, k, v, mask, causal, self.softmax_scale, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1],
+            )
+        return out.permute(2, 0, 1, 3)  # [s, b, h, d]
+
+    # -- packed sequences (t, h, d) --------------------------------------------------------
+    def _packed(self, q, k, v, params: PackedSeqParams, causal, dropout):
+        cu = params.cu_seqlens_q
+        if self.backend == "sdpa" and dropout == 0.0:
+            max_len = params.max_seqlen_q or int((cu[1:] - cu[:-1]).max())
+            return varlen_attention(q, k, v, cu, max_len, causal, self.softmax_scale)
+        if self.backend == "npu_fusion":
+            return _npu_attention_tnd(q, k, v, cu, causal, self.softmax_scale, dropout)
+        mask = block_diagonal_mask(cu, causal)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        return out[0].transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_takes_enable_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_len, causal, scale=None):
+    """Flash varlen attention on [t, h, d]. GQA is native to the flash kernel; torch >= 2.12
+    only asks for the flag (torch 2.11 has no such argument)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    extra = {"enable_gqa": k.shape[1] != q.shape[1]} if _varlen_takes_enable_gqa() else {}
+    return varlen_attn(
+        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale,
+        window_size=(-1, 0) if causal else (-1, -1), **extra,
+    )
+
+
+def _torch_npu():
+    return importlib.import_module("torch_npu")
+
+
+def _npu_attention_bnsd(q, k, v, keep_mask, causal, scale, dropout):
+    """Ascend fused attention, BNSD layout. Untested on real Ascend hardware (no NPU here)."""
+    b, n, s, _ = q.shape
+    if keep_mask is None and causal:
+        keep_mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    atten_mask = None if keep_mask is None else ~keep_mask.expand(b, 1, s, s)
+    return _torch_npu().npu_fusion_attention(
+        q, k, v, n, "BNSD", atten_mask=atten_mask, scale=scale, keep_prob=1.0 - dropout,
+        sparse_mode=0,
+    )[0]
+
+
+def _npu_attention_tnd(q, k, v, cu_seqlens, causal, scale, dropout):
+    """Ascend fused attention on packed sequences, TND layout. Untested on real Ascend hardware."""
+    n = q.shape[1]
+    seqlens = cu_seqlens[1:].tolist()
+    atten_mask = None
+    sparse_mode = 0
+    if causal:
+        atten_mask = torch.ones(2048, 2048, dtype=torch.bool, device=q.device).triu(1)
+        sparse_mode = 3
+    return _torch_npu().npu_fusion_attention(
+        q, k, v, n, "TND", atten_mask=atten_mask, scale=scale, keep_prob=1.0 - dropout,
+        actual_seq_qlen=seqlens, actual_seq_kvlen=seqlens, sparse_mode=sparse_mode,
+    )[0]

@@ -1,0 +1,83 @@
+"""model.json schema: MindSpeed-MM's files load as-is; mistakes fail with field, value and fix."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mm_omni.config.model import load_model_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "qwen2.5omni"
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def model_7b():
+    return json.loads((EXAMPLES / "model_7b.json").read_text())
+
+
+def test_7b_and_3b_load_with_real_architecture():
+    cfg7 = load_model_config(EXAMPLES / "model_7b.json")
+    assert (cfg7.text_decoder.num_layers, cfg7.text_decoder.hidden_size, cfg7.text_decoder.num_query_groups) == (28, 3584, 4)
+    assert cfg7.image_encoder.vision_encoder.hidden_size == 1280  # not transformers' 3584 default
+    assert cfg7.image_encoder.vision_encoder.fullatt_block_indexes == [7, 15, 23, 31]
+    assert cfg7.audio_encoder.audio_encoder.num_attention_heads == 20
+    cfg3 = load_model_config(EXAMPLES / "model_3b.json")
+    assert (cfg3.text_decoder.num_layers, cfg3.text_decoder.hidden_size, cfg3.text_decoder.vocab_size) == (36, 2048, 151936)
+    assert cfg3.image_encoder.vision_projector.hidden_size == 2048
+    assert cfg3.audio_encoder.audio_encoder.output_dim == 2048
+
+
+def test_unknown_key_is_named(tmp_path, model_7b):
+    model_7b["text_decoder"]["num_layer"] = 28
+    with pytest.raises(ValueError, match=r"text_decoder\.num_layer"):
+        load_model_config(_write(tmp_path, model_7b))
+
+
+def test_layer_split_that_does_not_sum(tmp_path, model_7b):
+    model_7b["text_decoder"]["pipeline_num_layers"] = [11, 16]
+    with pytest.raises(ValueError, match=r"sums to 27 but num_layers is 28"):
+        load_model_config(_write(tmp_path, model_7b))
+
+
+def test_encoder_must_finish_before_decoder_starts(tmp_path, model_7b):
+    model_7b["image_encoder"]["vision_encoder"]["pipeline_num_layers"] = [30, 2, 0, 0]
+    model_7b["audio_encoder"]["audio_encoder"]["pipeline_num_layers"] = [32, 0, 0, 0]
+    model_7b["text_decoder"]["pipeline_num_layers"] = [1, 10, 10, 7]
+    with pytest.raises(ValueError, match=r"image_encoder\.vision_encoder.*still has layers on stage 1"):
+        load_model_config(_write(tmp_path, model_7b))
+
+
+def test_stage_count_mismatch(tmp_path, model_7b):
+    model_7b["text_decoder"]["pipeline_num_layers"] = [1, 10, 10, 7]
+    with pytest.raises(ValueError, match=r"different number of stages"):
+        load_model_config(_write(tmp_path, model_7b))
+
+
+def test_vpp_nested_lists(tmp_path, model_7b):
+    model_7b["image_encoder"]["vision_encoder"]["pipeline_num_layers"] = [[32, 0], [0, 0]]
+    model_7b["audio_encoder"]["audio_encoder"]["pipeline_num_layers"] = [[32, 0], [0, 0]]
+    model_7b["text_decoder"]["pipeline_num_layers"] = [[0, 7], [7, 14]]
+    cfg = load_model_config(_write(tmp_path, model_7b))
+    assert cfg.text_decoder.stage_layers() == [[0, 7], [7, 14]]
+
+
+def test_missing_file_names_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--mm-model"):
+        load_model_config(tmp_path / "nope.json")
+
+
+def test_from_hf_thinker_config_roundtrips_sizes(thinker_config):
+    from mm_omni.config.model import from_hf_thinker_config
+
+    cfg = from_hf_thinker_config(thinker_config)
+    assert cfg.text_decoder.num_query_groups == thinker_config.text_config.num_key_value_heads
+    assert cfg.text_decoder.mrope_section == [2, 3, 3]
+    assert cfg.image_encoder.vision_encoder.fullatt_block_indexes == [1, 3]
+    assert cfg.audio_encoder.audio_encoder.n_window == 8
+    assert cfg.audio_token_id == thinker_config.audio_token_index
