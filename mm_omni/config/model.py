@@ -289,8 +289,9 @@ def from_hf_thinker_config(thinker) -> OmniModelConfig:
             max_position_embeddings=text.max_position_embeddings,
             rope_theta=rope.get("rope_theta", getattr(text, "rope_theta", 1000000.0)),
             mrope_section=list(mrope_section),
-            untie_embeddings_and_output_weights=not getattr(thinker, "tie_word_embeddings", False)
-            and not getattr(text, "tie_word_embeddings", False),
+            # transformers ties the thinker's lm_head by the thinker's flag only (text_config's
+            # defaults to True in transformers 5.23 and is ignored there)
+            untie_embeddings_and_output_weights=not getattr(thinker, "tie_word_embeddings", False),
             layernorm_epsilon=text.rms_norm_eps,
             gated_linear_unit=True,
             add_bias_linear=False,

@@ -8,7 +8,6 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mm_omni.models.common import attention as attn_mod
 from mm_omni.models.common.attention import CoreAttention, LayerwisePackedSeqParams, packed_params
 
 

@@ -81,3 +81,13 @@ def test_from_hf_thinker_config_roundtrips_sizes(thinker_config):
     assert cfg.image_encoder.vision_encoder.fullatt_block_indexes == [1, 3]
     assert cfg.audio_encoder.audio_encoder.n_window == 8
     assert cfg.audio_token_id == thinker_config.audio_token_index
+
+
+@pytest.mark.parametrize("thinker_tied,text_tied", [(False, True), (True, False), (False, False)])
+def test_output_layer_tying_follows_the_thinker_flag(thinker_tied, text_tied):
+    """transformers ties lm_head by the thinker config's flag; text_config's (default True) is ignored."""
+    from mm_omni.config.model import from_hf_thinker_config
+    from tests.conftest import tiny_thinker_config
+
+    cfg = tiny_thinker_config(text={"tie_word_embeddings": text_tied}, tie_word_embeddings=thinker_tied)
+    assert from_hf_thinker_config(cfg).text_decoder.untie_embeddings_and_output_weights is (not thinker_tied)

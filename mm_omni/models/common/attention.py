@@ -149,7 +149,8 @@ class CoreAttention(MegatronModule):
     # -- packed sequences (t, h, d) --------------------------------------------------------
     def _packed(self, q, k, v, params: PackedSeqParams, causal, dropout):
         cu = params.cu_seqlens_q
-        if self.backend == "sdpa" and dropout == 0.0:
+        # flash varlen takes fp16/bf16 only; fp32 (e.g. parity checks on GPU) uses the masked SDPA below
+        if self.backend == "sdpa" and dropout == 0.0 and q.dtype in (torch.float16, torch.bfloat16):
             max_len = params.max_seqlen_q or int((cu[1:] - cu[:-1]).max())
             return varlen_attention(q, k, v, cu, max_len, causal, self.softmax_scale)
         if self.backend == "npu_fusion":
