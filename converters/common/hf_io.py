@@ -1,0 +1,96 @@
+"""Hugging Face safetensors checkpoints: lazy per-tensor reading, sharded writing, side files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from converters.common.atomic import fsync_file
+
+INDEX = "model.safetensors.index.json"
+
+
+class HFSource:
+    """Names, shapes and tensors of an HF checkpoint; a tensor is read only when asked for."""
+
+    def __init__(self, hf_dir: Path):
+        self.dir = Path(hf_dir)
+        index = self.dir / INDEX
+        if index.is_file():
+            self.index = json.loads(index.read_text())
+            self.weight_map: dict[str, str] = dict(self.index["weight_map"])
+        else:
+            self.index = None
+            self.weight_map = {}
+            for path in sorted(self.dir.glob("*.safetensors")):
+                with safe_open(path, "pt") as f:
+                    self.weight_map.update({k: path.name for k in f.keys()})
+        missing = sorted({f for f in self.weight_map.values() if not (self.dir / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{self.dir}: {INDEX} names missing files {missing}")
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.dir / file, "pt")
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, key: str) -> list[int]:
+        return self._handle(self.weight_map[key]).get_slice(key).get_shape()
+
+    def get(self, key: str) -> Tensor:
+        return self._handle(self.weight_map[key]).get_tensor(key)
+
+    def release(self) -> None:
+        """Close the files: their mapped pages stop counting against this process."""
+        self._handles.clear()
+
+    def shards(self) -> dict[str, list[str]]:
+        """{file: keys} in index order (the layout the output repeats)."""
+        out: dict[str, list[str]] = {}
+        for key, file in self.weight_map.items():
+            out.setdefault(file, []).append(key)
+        return out
+
+
+def write_shards(src: HFSource, dst: Path, produce: Callable[[list[str]], dict[str, Tensor]],
+                 progress: Callable = lambda it, **kw: it) -> None:
+    """Write ``dst`` with the same files / index as ``src``, each file's tensors from ``produce(keys)``."""
+    total = 0
+    for file, keys in progress(list(src.shards().items()), desc="hf shards", unit="file"):
+        tensors = produce(keys)
+        if set(tensors) != set(keys):
+            raise KeyError(f"{file}: produced {sorted(set(tensors) ^ set(keys))[:10]} differently from the original")
+        tensors = {k: tensors[k].contiguous() for k in keys}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, dst / file, metadata={"format": "pt"})
+        fsync_file(dst / file)
+        del tensors
+    if src.index is not None:
+        index = dict(src.index)
+        index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+        (dst / INDEX).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
+
+
+def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
+    """Copy everything except the weights and their index (tokenizer, configs, speakers, ...)."""
+    copied = []
+    for p in sorted(Path(src_dir).iterdir()):
+        if p.suffix == ".safetensors" or p.name == INDEX:
+            continue
+        target = dst_dir / p.name
+        if p.is_dir():
+            shutil.copytree(p, target)
+        else:
+            shutil.copy2(p, target)
+        copied.append(p.name)
+    return copied
