@@ -1,0 +1,102 @@
+"""Template ``qwen2_omni``: the Qwen2.5-Omni chat format and its label mask.
+
+Rendering (identical to the model's chat template, so the processor tokenises it the same way)::
+
+    <|im_start|>system\\n{system}<|im_end|>\\n
+    <|im_start|>user\\n{content with media blocks}<|im_end|>\\n
+    <|im_start|>assistant\\n{content}<|im_end|>\\n
+
+``<image>`` -> ``<|vision_bos|><|IMAGE|><|vision_eos|>``, ``<video>`` -> ``<|vision_bos|><|VIDEO|><|vision_eos|>``,
+``<audio>`` -> ``<|audio_bos|><|AUDIO|><|audio_eos|>``; the processor then expands each placeholder
+to its exact token count. The system prompt defaults to MindSpeed-MM's "You are a helpful assistant.".
+
+Labels: each assistant turn's content and its closing ``<|im_end|>``. The ``\\n`` after
+``<|im_end|>`` stays in ``input_ids`` (the chat template has it) but is not a target: generation
+stops at ``<|im_end|>``, so the model never has to produce it (MindSpeed-MM also trains on it;
+dropping it changes nothing at inference). ``train_on_prompt`` labels everything but media
+placeholders; ``mask_history`` keeps only the last assistant turn.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from mm_omni.data.formats import MEDIA_TAGS, Conversation
+from mm_omni.data.processor import OmniTokens
+
+IGNORE_INDEX = -100
+DEFAULT_SYSTEM = "You are a helpful assistant."
+_TAG_RE = re.compile("|".join(re.escape(t) for t in MEDIA_TAGS.values()))
+
+
+def media_order(conv: Conversation) -> list[tuple[str, int]]:
+    """``(kind, index within kind)`` of every media tag in the order it appears in the text."""
+    order, seen = [], {"image": 0, "video": 0, "audio": 0}
+    tag_kind = {t: k for k, t in MEDIA_TAGS.items()}
+    for role, content in conv.messages:
+        for m in _TAG_RE.finditer(content):
+            kind = tag_kind[m.group(0)]
+            order.append((kind, seen[kind]))
+            seen[kind] += 1
+    return order
+
+
+def render(conv: Conversation, tokens: OmniTokens, default_system: str | None = None) -> str:
+    s = tokens.strings
+    blocks = {
+        MEDIA_TAGS["image"]: s["vision_bos"] + s["image"] + s["vision_eos"],
+        MEDIA_TAGS["video"]: s["vision_bos"] + s["video"] + s["vision_eos"],
+        MEDIA_TAGS["audio"]: s["audio_bos"] + s["audio"] + s["audio_eos"],
+    }
+    messages = list(conv.messages)
+    if messages[0][0] != "system":
+        messages.insert(0, ("system", default_system or DEFAULT_SYSTEM))
+    parts = []
+    for role, content in messages:
+        content = _TAG_RE.sub(lambda m: blocks[m.group(0)], content)
+        parts.append(f"{s['im_start']}{role}\n{content}{s['im_end']}\n")
+    return "".join(parts)
+
+
+def build_labels(
+    input_ids: np.ndarray,
+    roles: list[str],
+    tokens: OmniTokens,
+    assistant_header: list[int],
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> np.ndarray:
+    """Labels for rendered ``input_ids`` whose turns have ``roles`` (system first).
+
+    Turns are found by ``<|im_start|>`` (a special token, so never merged with text);
+    ``assistant_header`` is the tokenisation of ``"assistant\\n"``.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64)
+    starts = np.flatnonzero(ids == tokens.im_start)
+    if len(starts) != len(roles):
+        raise ValueError(f"found {len(starts)} <|im_start|> tokens for {len(roles)} turns "
+                         "(does a message contain special-token text?)")
+    media = (ids == tokens.image) | (ids == tokens.video) | (ids == tokens.audio)
+    if train_on_prompt:
+        labels = ids.copy()
+        labels[media] = IGNORE_INDEX
+        return labels
+    labels = np.full_like(ids, IGNORE_INDEX)
+    ends = list(starts[1:]) + [len(ids)]
+    assistant_turns = [i for i, r in enumerate(roles) if r == "assistant"]
+    if mask_history:
+        assistant_turns = assistant_turns[-1:]
+    hlen = len(assistant_header)
+    for t in assistant_turns:
+        s, e = int(starts[t]) + 1, int(ends[t])
+        # Content starts after the header; if the content's first characters merged with the
+        # header's "\n" into one token, that token is the first target.
+        k = 0
+        while k < hlen and s + k < e and ids[s + k] == assistant_header[k]:
+            k += 1
+        im_end = np.flatnonzero(ids[s:e] == tokens.im_end)
+        stop = s + int(im_end[0]) + 1 if len(im_end) else e
+        labels[s + k:stop] = ids[s + k:stop]
+    return labels
