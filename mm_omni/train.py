@@ -1,0 +1,80 @@
+"""Training entry: ``torchrun ... -m mm_omni.train <MindSpeed-MM / Megatron flags>`` (or ``mm-omni train``).
+
+Order matters: flags are parsed and validated (and model.json read) before any process group or
+model exists, so a bad launch fails in a second, naming the flag, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from mm_omni.config.arguments import ArgumentsError, log_accepted_flags, parse_args, validate_args
+
+logger = logging.getLogger("mm_omni.train")
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    # megatron-core logs every parameter of every DDP bucket at INFO: keep its warnings only
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def prepare_args(argv: Optional[Sequence[str]] = None):
+    """Parse + validate (no process group, no model): returns (args, model config or None)."""
+    args = parse_args(argv)
+    model_cfg = None
+    if args.mm_model:
+        from mm_omni.config.model import load_model_config
+
+        model_cfg = load_model_config(args.mm_model)
+        chunks = len(model_cfg.text_decoder.stage_layers())
+        if chunks > 1 and args.virtual_pipeline_model_parallel_size is None:
+            args.virtual_pipeline_model_parallel_size = chunks  # model.json's nested pipeline_num_layers
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_args(args, world)
+    if args.tensorboard_dir:
+        from mm_omni.training.metrics import require_tensorboard
+
+        require_tensorboard(args.tensorboard_dir)
+    if args.mm_tool:
+        logger.info("--mm-tool %s accepted: MindSpeed-MM's tools (profiling, memory snapshots) are not run here; "
+                    "use torch.profiler around mm_omni.training.loop.train instead", args.mm_tool)
+    if args.num_workers is not None and not args.mm_data:
+        logger.debug("--num-workers without --mm-data: unused")
+    return args, model_cfg
+
+
+def main(argv: Optional[Sequence[str]] = None, task_factory: Optional[Callable] = None,
+         keep_process_group: bool = False):
+    """Run training; ``task_factory(args, model_cfg)`` gives the model + data (default: the omni task).
+
+    ``keep_process_group`` leaves torch.distributed up afterwards (several runs in one launch: tests).
+    """
+    setup_logging()
+    try:
+        args, model_cfg = prepare_args(argv)
+    except (ArgumentsError, ValueError, FileNotFoundError, ImportError) as err:
+        logger.error("%s", err)
+        raise SystemExit(2) from None
+    log_accepted_flags(args, model_cfg)
+
+    from mm_omni.training.initialize import destroy, initialize_distributed
+    from mm_omni.training.loop import train
+
+    initialize_distributed(args)
+    if task_factory is None:
+        from mm_omni.training.omni_task import omni_task as task_factory
+    task = task_factory(args, model_cfg)
+    try:
+        return train(args, task)
+    finally:
+        destroy(keep_process_group)
+
+
+if __name__ == "__main__":
+    main()

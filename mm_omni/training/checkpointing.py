@@ -1,0 +1,268 @@
+"""Megatron-layout checkpoints, written atomically; resume restores everything a step depends on.
+
+Layout (what Megatron and MindSpeed-MM's converter use)::
+
+    <dir>/latest_checkpointed_iteration.txt        "100" or "release"
+    <dir>/iter_0000100/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+                                                  [distrib_optim.pt with --use-distributed-optimizer]
+
+``model_optim_rng.pt`` = ``{"model": sd}`` (``"model0"``, ``"model1"``... with virtual pipeline
+chunks), ``"optimizer"``, ``"opt_param_scheduler"``, ``"rng_state"`` (one entry per data-parallel
+rank), ``"iteration"``, ``"consumed_train_samples"``, ``"args"``, ``"checkpoint_version": 3.0``.
+
+Atomic: every rank writes under ``<dir>/.iter_XXXXXXX.tmp`` and fsyncs its files; after a barrier
+rank 0 renames the directory into place and only then replaces ``latest_checkpointed_iteration.txt``
+(write a temp file, fsync, rename). A save interrupted at any point leaves the previous checkpoint
+and the tracker file as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.safe_globals import register_safe_globals
+
+from mm_omni.training.model_setup import unwrap
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+
+
+def iteration_dir(root: Path, iteration: Optional[int]) -> Path:
+    return root / ("release" if iteration is None else f"iter_{iteration:07d}")
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def _my_rank_dir() -> str:
+    return rank_dir_name(parallel_state.get_tensor_model_parallel_rank(),
+                         parallel_state.get_pipeline_model_parallel_rank(),
+                         parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def read_tracker(root: Path) -> Optional[str]:
+    tracker = root / TRACKER
+    return tracker.read_text().strip() if tracker.is_file() else None
+
+
+# -- save ----------------------------------------------------------------------------------------
+def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed_samples: int,
+                    args: argparse.Namespace) -> Path:
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = root / f".{final.name}.tmp"
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
+    torch.distributed.barrier()
+
+    rng = _gather_rng_states() if not args.no_save_rng else None
+    dp_rank = parallel_state.get_data_parallel_rank()
+    distributed_opt = args.use_distributed_optimizer and not args.no_save_optim
+    param_state = _dist_param_state(optimizer) if distributed_opt else None
+    if dp_rank == 0:
+        state = {"iteration": iteration, "consumed_train_samples": consumed_samples,
+                 "checkpoint_version": CHECKPOINT_VERSION, "args": _plain_args(args)}
+        state.update(model_state(chunks))
+        if not args.no_save_optim:
+            state["optimizer"] = optimizer.state_dict()
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if rng is not None:
+            state["rng_state"] = rng
+        rank_dir = tmp / _my_rank_dir()
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        _save_synced(state, rank_dir / "model_optim_rng.pt")
+        if param_state is not None:
+            _save_synced(param_state, rank_dir / "distrib_optim.pt")
+    torch.distributed.barrier()
+    if rank == 0:
+        _publish(root, tmp, final, iteration)
+    torch.distributed.barrier()
+    logger.info("saved checkpoint of iteration %d to %s", iteration, final)
+    return final
+
+
+def model_state(chunks) -> dict:
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).state_dict()}
+    return {f"model{i}": unwrap(c).state_dict() for i, c in enumerate(chunks)}
+
+
+def _dist_optimizers(optimizer) -> list:
+    """The distributed optimizers inside megatron's (chained) optimizer."""
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if hasattr(o, "get_parameter_state_dp_zero") and not getattr(o, "is_stub_optimizer", False)]
+
+
+def _dist_param_state(optimizer) -> Optional[dict]:
+    """The distributed optimizer's sharded state gathered on DP rank 0 (a collective over DP).
+
+    megatron's DP-zero format holds param / exp_avg / exp_avg_sq but not torch Adam's per-param
+    ``step`` (TransformerEngine's Adam keeps it in the param group); it is the same for every
+    parameter, so one value per optimizer is stored beside it.
+    """
+    opts = _dist_optimizers(optimizer)
+    states = [o.get_parameter_state_dp_zero() for o in opts]
+    if not states or parallel_state.get_data_parallel_rank() != 0:
+        return None
+    return {"buckets": states, "steps": [_adam_step(o) for o in opts]}
+
+
+def _adam_step(opt):
+    for state in opt.optimizer.state.values():
+        if "step" in state:
+            return state["step"]
+    return None
+
+
+@torch.no_grad()  # megatron copies into views of the (grad-requiring) fp32 params
+def _load_dist_param_state(optimizer, path: Path) -> None:
+    saved = None
+    if parallel_state.get_data_parallel_rank() == 0:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    steps = [saved["steps"] if saved is not None else None]
+    torch.distributed.broadcast_object_list(steps, src=torch.distributed.get_global_rank(group, 0), group=group)
+    for i, o in enumerate(_dist_optimizers(optimizer)):
+        popped = [st.pop("step") for st in o.optimizer.state.values() if "step" in st]
+        o.load_parameter_state_from_dp_zero(saved["buckets"][i] if saved is not None else None)
+        step = steps[0][i] if steps[0][i] is not None else (popped[0] if popped else None)
+        if popped and step is not None:
+            for st in o.optimizer.state.values():
+                st["step"] = step.clone()
+
+
+def _save_synced(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
+    """Rename the finished directory into place, then point the tracker at it (each step atomic)."""
+    for d in tmp.iterdir():
+        _fsync_dir(d)
+    _fsync_dir(tmp)
+    if final.exists():  # saving the same iteration again: move the old one aside first
+        old = root / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    tracker_tmp = root / f".{TRACKER}.tmp"
+    with open(tracker_tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, root / TRACKER)
+    _fsync_dir(root)
+
+
+def _rng_state() -> dict:
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _gather_rng_states() -> list:
+    """Every data-parallel rank's RNG state (they differ: dropout masks), in DP-rank order."""
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    states = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(states, _rng_state(), group=group)
+    return states
+
+
+def _plain_args(args: argparse.Namespace) -> dict:
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()
+            if isinstance(v, (int, float, str, bool, list, set, type(None)))}
+
+
+# -- load ----------------------------------------------------------------------------------------
+def load_checkpoint(root, chunks, optimizer, scheduler, args: argparse.Namespace) -> tuple[int, int]:
+    """Load ``--load``; return (iteration, consumed samples) to continue from ((0, 0) for a fine-tune start)."""
+    root = Path(root)
+    tag = read_tracker(root)
+    if tag is None:
+        raise FileNotFoundError(f"--load {root}: no {TRACKER} there; give a directory written by --save or mm-convert")
+    release = tag == "release"
+    path = iteration_dir(root, None if release else int(tag)) / _my_rank_dir() / "model_optim_rng.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--load {root}: {path} is missing (does the checkpoint's TP/PP layout match "
+                                f"--tensor-model-parallel-size {args.tensor_model_parallel_size} / "
+                                f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}?)")
+    register_safe_globals()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    _load_model(chunks, state, path)
+    fresh = release or args.finetune
+    if fresh:
+        logger.info("loaded model weights from %s (%s): starting at iteration 0", path,
+                    "release" if release else "--finetune")
+    loaded_optim = False
+    if not fresh and not args.no_load_optim and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+        if args.use_distributed_optimizer:
+            _load_dist_param_state(optimizer, path.parent / "distrib_optim.pt")
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+        loaded_optim = True
+    if not loaded_optim:
+        optimizer.reload_model_params()  # fp32 master copies follow the loaded weights
+    if not fresh and not args.no_load_rng and "rng_state" in state:
+        _set_rng_state(state["rng_state"])
+    if fresh:
+        return 0, 0
+    logger.info("resumed from %s: iteration %d, %d consumed samples", path, state["iteration"],
+                state["consumed_train_samples"])
+    return state["iteration"], state["consumed_train_samples"]
+
+
+def _load_model(chunks, state: dict, path: Path) -> None:
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for key, chunk in zip(keys, chunks):
+        if key not in state:
+            raise KeyError(f"{path}: no '{key}' entry (found {sorted(state)}); virtual pipeline layout differs?")
+        result = unwrap(chunk).load_state_dict(state[key], strict=False)
+        # megatron modules add '_extra_state' entries that converters may leave out: only those may differ
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"{path} [{key}] does not match the model: missing {missing[:8]} "
+                           f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})")
+
+
+def _set_rng_state(states: list) -> None:
+    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    if len(states) != dp:
+        logger.warning("checkpoint holds RNG states of %d data-parallel ranks, this run has %d: not restored",
+                       len(states), dp)
+        return
+    s = states[parallel_state.get_data_parallel_rank(with_context_parallel=True)]
+    random.setstate(s["random_rng_state"])
+    np.random.set_state(s["np_rng_state"])
+    torch.set_rng_state(s["torch_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(s["rng_tracker_states"])

@@ -1,0 +1,79 @@
+"""The forward step megatron-core's schedules call, and the loss reduction of the three loss modes.
+
+megatron-core divides what ``loss_func`` returns by its second element unless
+``calculate_per_token_loss`` is set, then by the number of micro-batches; DDP averages over DP.
+So the three modes are:
+
+- ``micro_batch_mean`` (default, MindSpeed-MM's and Megatron's): (sum of token losses / tokens)
+  per micro-batch, averaged over micro-batches and DP ranks;
+- ``per_token`` (``--calculate-per-token-loss``): sum of token losses over the global batch / all
+  its label tokens (megatron scales the gradients by the global token count in
+  ``finalize_model_grads``);
+- ``per_sample`` (``--calculate-per-sample-loss``): mean over the tokens of each sample, then the
+  mean over samples of the micro-batch, averaged like the default.
+
+The reported ``lm loss`` is the quantity that is optimised, in each mode.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from mm_omni.training.task import TrainTask
+
+MODES = ("micro_batch_mean", "per_token", "per_sample")
+
+
+def loss_mode(args) -> str:
+    if args.calculate_per_token_loss:
+        return "per_token"
+    if args.calculate_per_sample_loss:
+        return "per_sample"
+    return "micro_batch_mean"
+
+
+def describe_loss_mode(mode: str) -> str:
+    return {
+        "micro_batch_mean": "loss = mean over label tokens of each micro-batch, averaged over micro-batches "
+                            "and data-parallel ranks (Megatron/MindSpeed-MM default)",
+        "per_token": "loss = sum of token losses over the global batch / its number of label tokens "
+                     "(--calculate-per-token-loss)",
+        "per_sample": "loss = mean over tokens per sample, mean over samples, averaged over micro-batches "
+                      "and data-parallel ranks (--calculate-per-sample-loss)",
+    }[mode]
+
+
+def loss_func(mode: str, output) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(value to back-propagate before megatron's division, divisor, {"lm loss": [sum, count]})."""
+    per_token, mask = output.per_token_loss.float(), output.loss_mask.float()
+    if mode == "per_sample":
+        tokens = mask.sum(-1)
+        has = tokens > 0
+        loss = (per_token.sum(-1) / tokens.clamp(min=1))[has].sum()
+        count = has.sum()
+    else:
+        loss, count = per_token.sum(), mask.sum()
+    count = count.to(torch.int)
+    if mode == "per_token":
+        report = torch.stack([loss.detach(), count.float()])
+    else:  # each micro-batch weighs the same: report its mean with weight 1
+        report = torch.stack([loss.detach() / count.clamp(min=1), torch.ones_like(loss)])
+    return loss, count, {"lm loss": report}
+
+
+class ForwardStep:
+    """``forward_step_func(data_iterator, model)`` for megatron-core's schedules; counts tokens seen."""
+
+    def __init__(self, task: TrainTask, mode: str):
+        self.task, self.mode = task, mode
+        self.tokens = 0
+
+    def __call__(self, data_iterator, model):
+        batch = next(data_iterator)
+        self.tokens += self.task.count_tokens(batch)
+        out = self.task.forward(model, batch)
+        if not isinstance(out, torch.Tensor) and getattr(out, "per_token_loss", None) is None:
+            out = out.hidden_states  # a non-last pipeline stage
+        return out, partial(loss_func, self.mode)

@@ -1,0 +1,178 @@
+"""The training loop on megatron-core: schedules, DDP, optimizer step, lr schedule, logging, checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mm_omni import platform
+from mm_omni.training import checkpointing
+from mm_omni.training.forward_step import ForwardStep, describe_loss_mode, loss_mode
+from mm_omni.training.metrics import TensorBoard, iteration_line, summary_line
+from mm_omni.training.model_setup import build_model, unwrap
+from mm_omni.training.optimizer import build_optimizer, build_scheduler
+from mm_omni.training.task import TrainTask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    iteration: int = 0
+    consumed_samples: int = 0
+    losses: dict = field(default_factory=dict)  # iteration -> lm loss (on the last pipeline stage)
+    grad_norms: dict = field(default_factory=dict)
+
+
+def _is_logging_rank() -> bool:
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
+    """Train ``task`` as ``args`` say; returns the reported losses (used by the tests)."""
+    mode = loss_mode(args)
+    if torch.distributed.get_rank() == 0:
+        logger.info("%s", describe_loss_mode(mode))
+        logger.info("parallel: TP %d, PP %d%s, DP %d; global batch %d = micro-batch %d x %d micro-batches x DP",
+                    args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                    f" (VPP {args.vpp_size})" if args.vpp_size else "", args.data_parallel_size,
+                    args.global_batch_size, args.micro_batch_size, args.num_microbatches)
+    chunks = build_model(args, task)
+    optimizer = build_optimizer(args, chunks)
+    scheduler = build_scheduler(args, optimizer)
+    result = TrainResult()
+    if args.load:
+        result.iteration, result.consumed_samples = checkpointing.load_checkpoint(
+            args.load, chunks, optimizer, scheduler, args)
+    _set_schedule_hooks(args, chunks, optimizer)
+    if task.valid_data_iterator is None and "--eval-interval" in args.given and torch.distributed.get_rank() == 0:
+        logger.info("--eval-interval/--eval-iters accepted: %s has no validation data, no evaluation runs", task.name)
+    tb = TensorBoard(args.tensorboard_dir, enabled=_is_logging_rank())
+    step = ForwardStep(task, mode)
+    iters = [task.data_iterator(result.consumed_samples) for _ in chunks]
+    forward_backward = get_forward_backward_func()
+    seq_length = task.seq_length or args.seq_length or 1
+    start, tokens_at_start, last_log = time.time(), 0, (time.time(), result.iteration, 0)
+    total_tokens = 0
+    while result.iteration < args.train_iters:
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        step.tokens = 0
+        losses = forward_backward(
+            forward_step_func=step, data_iterator=iters if len(iters) > 1 else iters[0],
+            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=args.num_microbatches,
+            seq_length=seq_length, micro_batch_size=args.micro_batch_size, forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        if ok:
+            scheduler.step(increment=1)
+        result.iteration += 1
+        result.consumed_samples += args.global_batch_size
+        reduced = _reduce_losses(losses)
+        total_tokens += _global_tokens(step.tokens)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            result.losses[result.iteration] = reduced.get("lm loss")
+            result.grad_norms[result.iteration] = grad_norm
+        if result.iteration % args.log_interval == 0:
+            last_log = _log(args, result, reduced, grad_norm, optimizer, last_log, total_tokens, tb)
+        _maybe_evaluate(args, task, chunks, result, forward_backward, mode, seq_length)
+        if args.save and args.save_interval and result.iteration % args.save_interval == 0:
+            _save(args, result, chunks, optimizer, scheduler)
+        if args.exit_interval and result.iteration % args.exit_interval == 0:
+            logger.info("exiting at iteration %d (--exit-interval %d)", result.iteration, args.exit_interval)
+            break
+    else:
+        if args.save and not (args.save_interval and result.iteration % args.save_interval == 0):
+            _save(args, result, chunks, optimizer, scheduler)
+    tb.close()
+    platform.synchronize()
+    if _is_logging_rank():
+        logger.info("%s", summary_line(result.iteration, time.time() - start, total_tokens - tokens_at_start,
+                                       torch.distributed.get_world_size()))
+    return result
+
+
+def _set_schedule_hooks(args, chunks, optimizer) -> None:
+    """What megatron's schedules call: loss scaling, grad sync hooks, the final grad reduction."""
+    config = unwrap(chunks[0]).config
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    config.timers = None
+    if args.overlap_grad_reduce:
+        syncs = [c.no_sync for c in chunks]
+        config.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
+        starts = [c.start_grad_sync for c in chunks]
+        config.grad_sync_func = starts[0] if len(starts) == 1 else starts
+    if args.overlap_param_gather and args.use_distributed_optimizer:
+        starts = [c.start_param_sync for c in chunks]
+        config.param_sync_func = starts[0] if len(starts) == 1 else starts
+
+
+def _reduce_losses(losses: list) -> dict:
+    """Sum each reported [value, weight] over micro-batches and data-parallel ranks: value / weight."""
+    if not losses or not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return {}
+    out = {}
+    for key in losses[0]:
+        pair = torch.stack([x[key].view(-1) for x in losses]).sum(0).double()
+        torch.distributed.all_reduce(pair, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        out[key] = (pair[0] / pair[1].clamp(min=1e-12)).item()
+    return out
+
+
+def _global_tokens(local: int) -> int:
+    t = torch.tensor([local], dtype=torch.long)
+    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return int(t.item())
+
+
+def _log(args, result, reduced, grad_norm, optimizer, last_log, total_tokens, tb):
+    now = time.time()
+    t0, it0, tok0 = last_log
+    elapsed = (now - t0) / max(result.iteration - it0, 1)
+    if _is_logging_rank():
+        lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else args.lr
+        tps = (total_tokens - tok0) / max(now - t0, 1e-9) / torch.distributed.get_world_size()
+        scale = optimizer.get_loss_scale().item() if args.fp16 else None
+        gn = float(grad_norm) if grad_norm is not None else None
+        logger.info("%s", iteration_line(result.iteration, args.train_iters, result.consumed_samples,
+                                         elapsed * 1000, lr, args.global_batch_size, reduced, gn,
+                                         tps if args.log_tps else None, scale))
+        tb.add(result.iteration, {"lm loss": reduced.get("lm loss"), "learning-rate": lr, "grad-norm": gn,
+                                  "tokens-per-sec-per-device": tps, "loss-scale": scale})
+    return now, result.iteration, total_tokens
+
+
+def _maybe_evaluate(args, task, chunks, result, forward_backward, mode, seq_length) -> None:
+    if not args.eval_interval or result.iteration % args.eval_interval or task.valid_data_iterator is None:
+        return
+    for c in chunks:
+        c.eval()
+    step = ForwardStep(task, mode)
+    iters = [task.valid_data_iterator(0) for _ in chunks]
+    totals = {}
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            losses = forward_backward(
+                forward_step_func=step, data_iterator=iters if len(iters) > 1 else iters[0],
+                model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=args.num_microbatches,
+                seq_length=seq_length, micro_batch_size=args.micro_batch_size, forward_only=True)
+            for k, v in _reduce_losses(losses).items():
+                totals[k] = totals.get(k, 0.0) + v / args.eval_iters
+    for c in chunks:
+        c.train()
+    if totals and _is_logging_rank():
+        logger.info("validation loss at iteration %d | %s", result.iteration,
+                    " | ".join(f"{k}: {v:.6E}" for k, v in totals.items()))
+
+
+def _save(args, result, chunks, optimizer, scheduler) -> None:
+    checkpointing.save_checkpoint(args.save, result.iteration, chunks, optimizer, scheduler,
+                                  result.consumed_samples, args)

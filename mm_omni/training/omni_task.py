@@ -1,0 +1,105 @@
+"""The omni model as a :class:`TrainTask`: ``--mm-model`` (model.json) + ``--mm-data`` (data.json).
+
+Parallelism: TP and DP for every module; PP for the text decoder, with the encoders on the first
+stage (where the decoder's input is made). ``text_decoder.pipeline_num_layers`` maps onto
+megatron-core's layout: equal counts, or a different first and/or last stage with equal middle
+stages (``[1, 10, 10, 7]``); a nested list (VPP) must be uniform. Anything else is rejected before a
+model is built, naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional
+
+from megatron.core import parallel_state
+
+from mm_omni.config.arguments import ArgumentsError
+from mm_omni.config.model import OmniModelConfig
+from mm_omni.training.model_setup import params_dtype
+from mm_omni.training.task import TrainTask
+
+logger = logging.getLogger(__name__)
+
+# what OmniModel.forward takes from a collated batch
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_grid_thw",
+              "pixel_values_videos", "video_grid_thw", "input_features", "feature_attention_mask",
+              "use_audio_in_video", "video_second_per_grid", "cu_seqlens")
+
+
+def pipeline_overrides(cfg: OmniModelConfig, pp: int, vpp: Optional[int]) -> dict:
+    """megatron TransformerConfig fields that reproduce ``text_decoder.pipeline_num_layers``."""
+    text = cfg.text_decoder
+    for name, enc in (("image_encoder.vision_encoder", cfg.image_encoder and cfg.image_encoder.vision_encoder),
+                      ("audio_encoder.audio_encoder", cfg.audio_encoder and cfg.audio_encoder.audio_encoder)):
+        if enc is not None and enc.pipeline_num_layers is not None:
+            flat = [n for chunk in enc.stage_layers() for n in chunk]
+            if any(flat[1:]):
+                raise ArgumentsError(f"{name}.pipeline_num_layers={enc.pipeline_num_layers}: encoders run whole on "
+                                     "the first pipeline stage here; put all their layers there, e.g. [32, 0]")
+    over = {"pipeline_model_parallel_size": pp, "virtual_pipeline_model_parallel_size": vpp}
+    if pp == 1:
+        return over
+    chunks = text.stage_layers() if text.pipeline_num_layers is not None else None
+    if chunks is None:
+        if text.num_layers % (pp * (vpp or 1)):
+            raise ArgumentsError(f"text_decoder.num_layers={text.num_layers} is not divisible by PP x VPP = "
+                                 f"{pp * (vpp or 1)}: set text_decoder.pipeline_num_layers")
+        return over
+    if len(chunks[0]) != pp:
+        raise ArgumentsError(f"text_decoder.pipeline_num_layers={text.pipeline_num_layers} has {len(chunks[0])} "
+                             f"stages but --pipeline-model-parallel-size is {pp}: give one count per stage")
+    if len(chunks) > 1:
+        if len({n for c in chunks for n in c}) != 1:
+            raise ArgumentsError(f"text_decoder.pipeline_num_layers={text.pipeline_num_layers}: virtual pipeline "
+                                 "chunks must hold equal layer counts here")
+        return over
+    layers = chunks[0]
+    middle = layers[1:-1]
+    if len(set(middle)) > 1:
+        raise ArgumentsError(f"text_decoder.pipeline_num_layers={layers}: the middle stages must hold equal "
+                             "counts (megatron-core's layout: first, last, and uniform middle stages)")
+    if len(set(layers)) > 1:
+        over.update(num_layers_in_first_pipeline_stage=layers[0], num_layers_in_last_pipeline_stage=layers[-1])
+    return over
+
+
+def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) -> TrainTask:
+    if model_cfg is None or not args.mm_data:
+        raise ArgumentsError("--mm-model and --mm-data are required: the model.json and data.json to train on")
+    from mm_omni.config.data import load_data_config
+    from mm_omni.data import OmniSFTDataset, build_dataloader
+    from mm_omni.models.omni import OmniModel
+
+    data_cfg = load_data_config(args.mm_data)
+    overrides = dict(pipeline_overrides(model_cfg, args.pipeline_model_parallel_size, args.vpp_size),
+                     tensor_model_parallel_size=args.tensor_model_parallel_size,
+                     sequence_parallel=args.sequence_parallel, pipeline_dtype=params_dtype(args),
+                     calculate_per_token_loss=args.calculate_per_token_loss)
+    dataset: list = []
+
+    def provider(pre_process, post_process, vp_stage):
+        model = OmniModel(model_cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                          text_config_overrides=overrides)
+        # megatron's finalize_model_grads asks the outermost module about tied embeddings (PP > 1);
+        # they live in the text decoder. TODO(models): expose these on OmniModel itself.
+        if not hasattr(model, "share_embeddings_and_output_weights"):
+            model.share_embeddings_and_output_weights = model.text_decoder.share_embeddings_and_output_weights
+            model.shared_embedding_or_output_weight = model.text_decoder.shared_embedding_or_output_weight
+        return model
+
+    def data_iterator(consumed: int):
+        if not dataset:  # scanned once, shared by the pipeline chunks
+            dataset.append(OmniSFTDataset(data_cfg, args.seq_length))
+        loader = build_dataloader(
+            data_cfg, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+            seed=args.seed, consumed_samples=consumed, num_workers=args.num_workers, dataset=dataset[0])
+        return iter(loader)
+
+    def forward(model, batch):
+        return model(**{k: v for k, v in batch.items() if k in MODEL_KEYS})
+
+    return TrainTask(name="qwen2_5_omni", model_provider=provider, forward=forward, data_iterator=data_iterator,
+                     seq_length=None, model_config=model_cfg)
