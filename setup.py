@@ -17,6 +17,7 @@ setup(
         "transformers>=5.17,<5.25",
         "safetensors>=0.4",
         "jsonargparse>=4.30",
+        "docstring-parser",  # jsonargparse shows docstrings in --help with it
         "pydantic>=2.6",
         "tqdm",
         "numpy",

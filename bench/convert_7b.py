@@ -104,11 +104,15 @@ def layout_args(thinker) -> list[str]:
 
 
 def run_child(argv: list[str]) -> dict:
-    """One conversion in a fresh process: wall time and that process's peak RSS."""
-    code = ("import json, resource, sys, time; sys.path.insert(0, %r); from converters.cli import main; "
+    """One conversion in a fresh process: wall time and that process's peak RSS.
+
+    Peak RSS is the kernel's VmHWM of the child's own address space: ``ru_maxrss`` would also count
+    the pages the child shared with this (large) process between fork and exec.
+    """
+    code = ("import json, re, sys, time; sys.path.insert(0, %r); from converters.cli import main; "
             "t = time.perf_counter(); main(sys.argv[1:]); "
-            "print(json.dumps({'wall_s': time.perf_counter() - t, "
-            "'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))") % str(ROOT)
+            "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)); "
+            "print(json.dumps({'wall_s': time.perf_counter() - t, 'peak_rss_gb': hwm / 2**20}))") % str(ROOT)
     out = subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -118,6 +118,9 @@ class MmToHfConfig(_Common):
                                           "talker/token2wav and all other files taken from hf_dir)")
     parallel_config: Optional[ParallelConfig] = Field(
         None, description="optional: the layout is read from the checkpoint; if given it must match")
+    lora_alpha: Optional[float] = Field(None, description="LoRA alpha of a LoRA-trained checkpoint (default: the "
+                                                          "training run's saved args); adapters are merged in")
+    lora_r: Optional[PositiveInt] = Field(None, description="LoRA rank (default: the saved args)")
 
 
 class ResplitConfig(_Strict):
@@ -130,3 +133,6 @@ class ResplitConfig(_Strict):
                                                             "default: hf_config.json saved by hf_to_mm in source_dir")
     dtype: Optional[Dtype] = Field(None, description="cast weights to bf16/fp16/fp32 (default: keep)")
     overwrite: bool = Field(False, description="replace a non-empty target directory")
+    lora_alpha: Optional[float] = Field(None, description="LoRA alpha of a LoRA-trained source (default: its saved "
+                                                          "args); adapters are merged into the written weights")
+    lora_r: Optional[PositiveInt] = Field(None, description="LoRA rank (default: the saved args)")

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from converters.common.atomic import fsync_file
+from converters.common.safetensors_stream import SafetensorsStreamWriter
 
 INDEX = "model.safetensors.index.json"
 
@@ -48,7 +47,10 @@ class HFSource:
         return self._handle(self.weight_map[key]).get_slice(key).get_shape()
 
     def get(self, key: str) -> Tensor:
-        return self._handle(self.weight_map[key]).get_tensor(key)
+        # a file of its own per read: the copy is returned and the mapping closed, so the shard's
+        # pages don't stay mapped (and counted in RSS) for the rest of the conversion
+        with safe_open(self.dir / self.weight_map[key], "pt") as f:
+            return f.get_tensor(key)
 
     def release(self) -> None:
         """Close the files: their mapped pages stop counting against this process."""
@@ -62,19 +64,25 @@ class HFSource:
         return out
 
 
-def write_shards(src: HFSource, dst: Path, produce: Callable[[list[str]], dict[str, Tensor]],
+def write_shards(src: HFSource, dst: Path, produce: Callable[[str], Tensor],
                  progress: Callable = lambda it, **kw: it) -> None:
-    """Write ``dst`` with the same files / index as ``src``, each file's tensors from ``produce(keys)``."""
+    """Write ``dst`` with the same files / index as ``src``, each tensor from ``produce(key)``.
+
+    Tensors are produced, written and dropped one at a time (see ``safetensors_stream``), so peak
+    memory is about the largest tensor, not the largest shard.
+    """
     total = 0
     for file, keys in progress(list(src.shards().items()), desc="hf shards", unit="file"):
-        tensors = produce(keys)
-        if set(tensors) != set(keys):
-            raise KeyError(f"{file}: produced {sorted(set(tensors) ^ set(keys))[:10]} differently from the original")
-        tensors = {k: tensors[k].contiguous() for k in keys}
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, dst / file, metadata={"format": "pt"})
-        fsync_file(dst / file)
-        del tensors
+        writer = SafetensorsStreamWriter(dst / file, metadata={"format": "pt"})
+        for key in keys:
+            tensor = produce(key)
+            if list(tensor.shape) != list(src.shape(key)):
+                raise ValueError(f"{file}: {key} produced with shape {list(tensor.shape)}, "
+                                 f"the original is {src.shape(key)}")
+            writer.add(key, tensor)
+            del tensor
+        writer.close()
+        total += writer.nbytes
     if src.index is not None:
         index = dict(src.index)
         index["metadata"] = {**index.get("metadata", {}), "total_size": total}

@@ -93,3 +93,12 @@ def load_rank(path: Path) -> list[dict[str, Tensor]]:
     if not keys:
         raise KeyError(f"{path}: no 'model' or 'model0..N' entry (keys: {sorted(payload)[:10]})")
     return [payload[k] for k in keys]
+
+
+def saved_args(path: Path):
+    """The ``args`` a training run saved in a rank file (a dict, or MindSpeed's Namespace), or None."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return payload.get("args")

@@ -4,6 +4,12 @@ The layout is discovered from the files: PP/VPP from the rank grid and chunk key
 stage from the layer numbers found, each tensor's TP from its shard shape against the full shape
 (so hetero per-module TP needs no side information). Rank files are memory-mapped and only the
 current pipeline stage's files are kept open.
+
+LoRA: a checkpoint trained with adapters holds ``<linear>.lora_A.weight`` / ``lora_B.weight`` beside
+``<linear>.weight``; :meth:`MMReader.get` returns the base weight with ``scale * B @ A`` merged in,
+shard by shard before the TP merge (exact for every split kind, see :mod:`mm_omni.lora.merge`), and
+the adapter tensors themselves are never listed. ``scale = alpha / r`` comes from the checkpoint's
+saved ``args`` (``lora_alpha``, ``lora_r``) unless given.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from torch import Tensor
 
 from converters.common import tp as tp_ops
 from converters.common.layout import Layout, ModuleSpec
-from converters.common.mm_io import load_rank, rank_files, resolve_tag_dir
+from converters.common.mm_io import load_rank, rank_files, resolve_tag_dir, saved_args
+from mm_omni.lora import merge as lora  # pure torch, no training stack
 
 log = logging.getLogger(__name__)
 
 
 class MMReader:
     def __init__(self, path: Path, specs: Iterable[ModuleSpec], split_kind: Callable[[str], str],
-                 full: dict[str, Tensor], optional: Iterable[str] = ()):
+                 full: dict[str, Tensor], optional: Iterable[str] = (), lora_alpha: float | None = None,
+                 lora_r: int | None = None):
         self.tag_dir = resolve_tag_dir(Path(path))
         self.files = rank_files(self.tag_dir)
         self.tp_files = 1 + max(t for t, _ in self.files)
@@ -34,7 +42,15 @@ class MMReader:
         self._loaded: dict[int, list[dict[str, Tensor]]] = {}
         self._where: dict[str, tuple[int, int, str]] = {}  # global name -> (pp, vpp chunk, local name)
         self._tp: dict[str, int] = {}
+        self._lora: dict[str, tuple[str, str]] = {}  # base weight (global) -> its lora_A, lora_B (global)
+        self.lora_scale: float | None = None
         self.layout = self._discover(set(optional))
+        if self._lora:
+            self.lora_scale = lora.scale_from_args(saved_args(self.files[(0, 0)]), lora_alpha, lora_r)
+            if self.lora_scale is None:
+                raise ValueError(f"{self.tag_dir} holds LoRA adapters but its args give no lora_alpha / lora_r: "
+                                 "pass --cfg.lora_alpha and --cfg.lora_r (the values used in training)")
+            log.info("merging %d LoRA adapters (scale %g) into their base weights", len(self._lora), self.lora_scale)
 
     def _rank(self, tp: int, pp: int) -> list[dict[str, Tensor]]:
         if self._stage != pp:  # moving to another stage: drop the previous stage's mappings
@@ -71,8 +87,14 @@ class MMReader:
                 if name in self._where:
                     raise ValueError(f"{name} is stored twice in {self.tag_dir}")
                 self._where[name] = (p, v, local)
+        for name in [n for n in self._where if lora.is_lora_key(n)]:
+            base = lora.base_key(name)
+            pair = lora.lora_keys(base)
+            if base not in self.full or not all(k in self._where for k in pair):
+                raise KeyError(f"{self.tag_dir}: LoRA tensor {name} has no base weight {base} or no partner")
+            self._lora[base] = pair
         missing = sorted(set(self.full) - set(self._where))
-        unknown = sorted(set(self._where) - set(self.full) - optional)
+        unknown = sorted(set(self._where) - set(self.full) - optional - {n for p in self._lora.values() for n in p})
         if missing or unknown:
             raise KeyError(f"{self.tag_dir} does not match the model config: missing {missing[:10]}"
                            f"{'...' if len(missing) > 10 else ''}, unexpected {unknown[:10]}"
@@ -103,4 +125,8 @@ class MMReader:
         """The global tensor ``name`` (TP shards merged; replicated ranks beyond the module's TP unread)."""
         p, v, local = self._where[name]
         shards = [self._rank(t, p)[v][local] for t in range(self._tp[name])]
+        if name in self._lora:  # W_t + scale * B_t @ A_t on each shard (A or B replicated, the other split)
+            a, b = (self._where[k][2] for k in self._lora[name])
+            shards = [lora.merged_weight(w, self._rank(t, p)[v][a], self._rank(t, p)[v][b], self.lora_scale)
+                      for t, w in enumerate(shards)]
         return tp_ops.merge(shards, self.split_kind(name))

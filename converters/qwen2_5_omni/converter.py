@@ -25,9 +25,11 @@ def _progress(items, **kw):
     return tqdm(items, **kw)
 
 
-def open_mm(path: Path, thinker) -> MMReader:
+def open_mm(path: Path, thinker, cfg=None) -> MMReader:
+    """``cfg``'s ``lora_alpha`` / ``lora_r`` (if any) override a LoRA checkpoint's saved args."""
     optional = {plan.TIED_COPY} if keymap.is_tied(thinker) else set()
-    return MMReader(path, spec.MODULES, spec.split_kind, spec.mm_meta_state(thinker), optional)
+    return MMReader(path, spec.MODULES, spec.split_kind, spec.mm_meta_state(thinker), optional,
+                    lora_alpha=getattr(cfg, "lora_alpha", None), lora_r=getattr(cfg, "lora_r", None))
 
 
 class Qwen2_5_OmniConverter:
@@ -70,27 +72,22 @@ class Qwen2_5_OmniConverter:
         src = HFSource(cfg.hf_config.hf_dir)
         prefix, style = plan.check_hf(src, thinker)
         check_output_dir(cfg.save_hf_dir, cfg.overwrite, "save_hf_dir", sources=(cfg.hf_config.hf_dir, cfg.mm_dir))
-        reader = open_mm(cfg.mm_dir, thinker)
+        reader = open_mm(cfg.mm_dir, thinker, cfg)  # LoRA adapters, if any, merged into their weights
         plan.check_same_layout(reader.layout, cfg.parallel_config, thinker, reader.tag_dir, "parallel_config")
         by_hf = {h: r for r in keymap.rules(thinker) for h in r.hf}
         pending: dict[str, Tensor] = {}  # HF tensors made with a sibling that lives in another shard
 
-        def produce(keys: list[str]) -> dict[str, Tensor]:
-            out = {}
-            for key in keys:
-                local = keymap.split_prefix(key)[1]
-                canon = keymap.to_canonical(local)
-                if not keymap.is_thinker_key(key) or keymap.DERIVED_BUFFERS.match(canon):
-                    out[key] = src.get(key)  # talker / token2wav / config-derived buffers: as they were
-                    continue
-                if canon == "lm_head.weight" and canon not in by_hf:  # tied alias stored in the original
-                    out[key] = cast(reader.get(plan.EMBEDDING), cfg.dtype)
-                    continue
-                if canon not in pending:
-                    rule = by_hf[canon]
-                    pending.update(keymap.mm_to_hf({rule.mm: reader.get(rule.mm)}, thinker, style="hub"))
-                out[key] = cast(pending.pop(canon), cfg.dtype)
-            return out
+        def produce(key: str) -> Tensor:
+            local = keymap.split_prefix(key)[1]
+            canon = keymap.to_canonical(local)
+            if not keymap.is_thinker_key(key) or keymap.DERIVED_BUFFERS.match(canon):
+                return src.get(key)  # talker / token2wav / config-derived buffers: as they were
+            if canon == "lm_head.weight" and canon not in by_hf:  # tied alias stored in the original
+                return cast(reader.get(plan.EMBEDDING), cfg.dtype)
+            if canon not in pending:
+                rule = by_hf[canon]
+                pending.update(keymap.mm_to_hf({rule.mm: reader.get(rule.mm)}, thinker, style="hub"))
+            return cast(pending.pop(canon), cfg.dtype)
 
         with atomic_dir(cfg.save_hf_dir) as tmp:
             write_shards(src, tmp, produce, _progress)
@@ -113,7 +110,7 @@ class Qwen2_5_OmniConverter:
         thinker = plan.load_thinker_config_text(config_json)
         layout = plan.make_layout(cfg.target_parallel_config, thinker)
         check_output_dir(cfg.target_dir, cfg.overwrite, "target_dir", sources=(cfg.source_dir,))
-        reader = open_mm(cfg.source_dir, thinker)
+        reader = open_mm(cfg.source_dir, thinker, cfg)  # LoRA adapters, if any, merged (a plain checkpoint)
         plan.check_same_layout(reader.layout, cfg.source_parallel_config, thinker, reader.tag_dir,
                                "source_parallel_config")
 

@@ -91,3 +91,23 @@ def test_output_layer_tying_follows_the_thinker_flag(thinker_tied, text_tied):
 
     cfg = tiny_thinker_config(text={"tie_word_embeddings": text_tied}, tie_word_embeddings=thinker_tied)
     assert from_hf_thinker_config(cfg).text_decoder.untie_embeddings_and_output_weights is (not thinker_tied)
+
+
+def test_configs_tiny_is_the_test_model():
+    """configs/tiny/model.json is the model.json of the tiny thinker the tests build."""
+    from mm_omni.config.model import from_hf_thinker_config
+    from tests.conftest import tiny_thinker_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "model.json"
+    expected = from_hf_thinker_config(tiny_thinker_config()).model_dump(mode="json", exclude_none=True)
+    assert json.loads(path.read_text()) == expected
+    assert load_model_config(path).text_decoder.num_layers == 3
+
+
+@pytest.mark.parametrize("size", ["7b", "3b"])
+def test_configs_link_the_example_files(size):
+    root = Path(__file__).resolve().parents[2]
+    for name in ("model", "data"):
+        assert (root / f"configs/qwen2_5_omni_{size}/{name}.json").resolve() == \
+            (root / f"examples/qwen2.5omni/{name}_{size}.json").resolve()
+    assert load_model_config(root / f"configs/qwen2_5_omni_{size}/model.json")

@@ -19,9 +19,10 @@ _BIGVGAN = dict(mel_dim=8, upsample_initial_channel=16, upsample_rates=[2, 2], u
                 resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3, 5]])
 
 
-def make_hf_checkpoint(path: Path, seed: int = 0, **thinker_overrides) -> Path:
+def make_hf_checkpoint(path: Path, seed: int = 0, perturb: float | None = None, **thinker_overrides) -> Path:
     """save_pretrained of a random full model: bf16 thinker/talker, fp32 token2wav (as transformers keeps it),
-    sharded so that several files and an index exist."""
+    sharded so that several files and an index exist. Every tensor is replaced by N(0, 1) noise, or with
+    ``perturb`` the initialised weights get N(0, perturb) added (activations stay in a sane range)."""
     import transformers
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniConfig
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniForConditionalGeneration
@@ -34,11 +35,14 @@ def make_hf_checkpoint(path: Path, seed: int = 0, **thinker_overrides) -> Path:
     model = Qwen2_5OmniForConditionalGeneration(cfg)
     with torch.no_grad():  # norms init to 1 and biases to 0: make every tensor distinct
         for p in model.parameters():
-            p.copy_(torch.randn_like(p))
+            p.copy_(torch.randn_like(p) if perturb is None else p + perturb * torch.randn_like(p))
     model.thinker.to(torch.bfloat16)
     model.talker.to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="100KB")
     (path / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}\n')  # a side file to copy
+    # the speaker prompts from_pretrained of the full model loads (values only matter for speech output)
+    torch.save({"Chelsie": {"bos_token": 0, "cond": torch.zeros(1, 8), "ref_mel": torch.zeros(1, 4, 8)}},
+               path / "spk_dict.pt")
     return path
 
 

@@ -1,0 +1,155 @@
+"""mm_to_hf / resplit of a LoRA checkpoint: adapters merged (W + alpha/r * B @ A), no lora keys left.
+
+A tiny HF thinker checkpoint -> hf_to_mm -> our OmniModel with LoRA on every linear (text, vision, audio,
+projectors, output layer), ``B`` set to random values (what training does to it) -> saved as a
+training run saves it (``{"model": state_dict, "args": {..., "lora_alpha", "lora_r"}}``), once at TP=1
+and once split to TP=2 (A/B shards as the adapters hold them). Then:
+
+- mm_to_hf of both equals mm_to_hf of a checkpoint merged by hand in the test (fp64 ``W + s B A``);
+- the export loads in transformers' thinker, whose logits on a batch with image, video, audio and
+  text rows match our model running with its (unmerged) adapters;
+- resplit of the LoRA checkpoint writes a plain checkpoint equal to the hand-merged one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from converters.common import tp as tp_ops
+from converters.qwen2_5_omni import spec
+from tests.unit.converters.helpers import hf_to_mm, layout, load_hf, mm_to_hf, resplit
+
+ALPHA, R = 8.0, 4
+
+
+def _save(root, ranks: list[dict], args: dict | None) -> None:
+    for t, sd in enumerate(ranks):
+        d = root / "release" / f"mp_rank_{t:02d}"
+        d.mkdir(parents=True)
+        payload = {"model": sd, "checkpoint_version": 3.0}
+        if args is not None:
+            payload["args"] = args
+        torch.save(payload, d / "model_optim_rng.pt")
+    (root / "latest_checkpointed_iteration.txt").write_text("release")
+
+
+def _lora_kinds(base_kind: str) -> tuple[str, str]:
+    """(A, B) split kinds: column-parallel -> A replicated, B like W; row-parallel -> A like W, B replicated."""
+    return ("col", "rep") if base_kind == "col" else ("rep", base_kind)
+
+
+def _split_tp2(sd: dict) -> list[dict]:
+    out = [{}, {}]
+    for name, t in sd.items():
+        if ".lora_" in name:
+            base = name.split(".lora_")[0] + ".weight"
+            a_kind, b_kind = _lora_kinds(spec.split_kind(base))
+            kind = a_kind if ".lora_A." in name else b_kind
+        else:
+            kind = spec.split_kind(name)
+        for r in range(2):
+            out[r][name] = tp_ops.shard(t, kind, 2, r).clone()
+    return out
+
+
+def _thinker_checkpoint(path):
+    """A bare thinker checkpoint (fast to build), initialised weights + N(0, 0.02): sane activations."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from tests.conftest import tiny_thinker_config
+
+    torch.manual_seed(2)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory):
+    from transformers import AutoConfig
+
+    from converters.qwen2_5_omni.converter import open_mm
+    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.lora.inject import apply_lora, parse_targets
+    from mm_omni.models.omni import OmniModel
+    from tests.helpers import init_megatron
+
+    d = tmp_path_factory.mktemp("lora_export")
+    hf_dir = _thinker_checkpoint(d / "hf")
+    config = AutoConfig.from_pretrained(hf_dir)
+    thinker = getattr(config, "thinker_config", config)
+    base_mm = hf_to_mm(hf_dir, d / "base_mm", layout([[3]], [[4]], [[3]]), dtype="fp32")
+    init_megatron()
+    model = OmniModel(from_hf_thinker_config(thinker)).float().eval()
+    reader = open_mm(base_mm, thinker)
+    model.load_state_dict({n: reader.get(n).float() for n in reader.names()}, strict=False)
+    found = apply_lora(model, parse_targets(["all-linear", "output_layer"]), R, ALPHA, 0.0, seed=7)
+    assert any(n.startswith("image_encoder.projector") for n in found["adapted"])
+    assert "audio_encoder.encoder.proj" in found["adapted"]  # a plain torch.nn.Linear
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    args = {"lora_alpha": ALPHA, "lora_r": R, "lora_target_modules": ["all-linear"]}
+    _save(d / "lora_tp1", [sd], args)
+    _save(d / "lora_tp2", _split_tp2(sd), args)
+    # merged by hand, in fp64, then a plain (LoRA-free) checkpoint
+    by_hand = {k: v for k, v in sd.items() if ".lora_" not in k}
+    for k in sd:
+        if ".lora_A." in k:
+            base = k.replace(".lora_A.", ".")
+            b = sd[k.replace(".lora_A.", ".lora_B.")]
+            by_hand[base] = (sd[base].double() + ALPHA / R * (b.double() @ sd[k].double())).float()
+    _save(d / "merged_by_hand", [by_hand], None)
+    return d, hf_dir, thinker, model, by_hand
+
+
+def test_mm_to_hf_merges_lora_like_a_hand_merge(lora_setup):
+    d, hf_dir, *_ = lora_setup
+    ref = load_hf(mm_to_hf(d / "merged_by_hand", hf_dir, d / "hf_by_hand"))
+    original = load_hf(hf_dir)
+    for name in ("lora_tp1", "lora_tp2"):
+        out = load_hf(mm_to_hf(d / name, hf_dir, d / f"hf_{name}"))
+        assert set(out) == set(ref) == set(original) and not any("lora" in k for k in out)
+        for k in ref:
+            torch.testing.assert_close(out[k], ref[k], rtol=1e-6, atol=1e-6, msg=f"{name} {k}")
+        q = next(k for k in out if k.endswith("layers.1.self_attn.q_proj.weight"))
+        assert not torch.allclose(out[q].float(), original[q].float(), atol=1e-4)  # the delta is in
+
+
+def test_export_loads_in_transformers_and_matches_our_lora_model(lora_setup):
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from tests.parity.test_thinker import MODEL_KEYS, hf_positions, make_batch, mm_positions
+    from tests.helpers import rel_err
+
+    d, hf_dir, thinker, model, _ = lora_setup
+    out = d / "hf_lora_tp2"
+    if not out.exists():
+        mm_to_hf(d / "lora_tp2", hf_dir, out)
+    hf = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    batch = make_batch(thinker)
+    from mm_omni.config.model import from_hf_thinker_config
+
+    inputs = {k: batch[k] for k in MODEL_KEYS if k not in ("use_audio_in_video", "labels")}
+    with torch.no_grad():
+        ref = hf(position_ids=hf_positions(hf, batch), **inputs).logits
+        ours = model(position_ids=mm_positions(from_hf_thinker_config(thinker), batch), return_logits=True,
+                     use_audio_in_video=batch["use_audio_in_video"], **inputs).logits
+    valid = batch["attention_mask"].bool()
+    assert rel_err(ours[valid], ref[valid]) < 1e-5  # measured 8e-7
+
+
+def test_resplit_writes_a_merged_plain_checkpoint(lora_setup):
+    d, hf_dir, *_ , by_hand = lora_setup
+    out = resplit(d / "lora_tp2", d / "resplit", layout([[3]], [[4]], [[3]]), hf_config={"hf_dir": hf_dir})
+    sd = torch.load(out / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["model"]
+    assert set(sd) == set(by_hand)
+    for k in sd:
+        torch.testing.assert_close(sd[k], by_hand[k], rtol=1e-6, atol=1e-6, msg=k)
