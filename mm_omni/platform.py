@@ -137,6 +137,22 @@ def max_memory_allocated_gib() -> float:
     return 0.0
 
 
+def supports_graphs() -> bool:
+    """Whether this process can capture CUDA graphs (CUDA only; the NPU's aclgraph is not wired)."""
+    return get_platform().name == CUDA
+
+
+def is_capturing_graph() -> bool:
+    return supports_graphs() and torch.cuda.is_current_stream_capturing()
+
+
+def make_graphed_callables(module: torch.nn.Module, sample_args: tuple, **kwargs):
+    """``torch.cuda.make_graphed_callables`` (forward + backward graphs of ``module``)."""
+    if not supports_graphs():
+        raise RuntimeError(f"CUDA graphs need a CUDA device; this process runs on {get_platform().name}.")
+    return torch.cuda.make_graphed_callables(module, sample_args, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # CPU adapter
 # --------------------------------------------------------------------------------------------
@@ -162,6 +178,10 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # pinning needs CUDA (megatron's CP rotary slicing asks for it)
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            return self._backward(func, args, kwargs)
         name = getattr(func, "__name__", "")
         if name == "cuda":  # tensor.cuda(...) -> the tensor itself
             return args[0]
@@ -172,6 +192,29 @@ class _CudaToCpu(TorchFunctionMode):
             out = func(*args)
             return _CUDA_TYPE_NAMES.get(out, out)
         return func(*args, **kwargs)
+
+    def _backward(self, func, args, kwargs):
+        """Run the autograd engine with this mode on. A mode is off while its own handler runs, so
+        ``loss.backward()`` / ``torch.autograd.backward`` would run megatron's backward functions
+        without it (e.g. sequence parallel's ``torch.empty(..., device=torch.cuda.current_device())``).
+        The engine is called as megatron's ``custom_backward`` calls it; uncommon forms
+        (``inputs=``, non-scalar outputs without a gradient) run as they are."""
+        names = (("self", "gradient") if func is torch.Tensor.backward else ("tensors", "grad_tensors")) + (
+            "retain_graph", "create_graph")
+        p = dict(zip(names, args), **kwargs)
+        tensors, grads = p.get("self", p.get("tensors")), p.get("gradient", p.get("grad_tensors"))
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        grads = (grads,) if grads is None or isinstance(grads, torch.Tensor) else tuple(grads)
+        grads = grads * len(tensors) if len(grads) == 1 and grads[0] is None else grads
+        if (len(args) > len(names) or p.get("inputs") is not None or p.get("grad_variables") is not None
+                or len(grads) != len(tensors) or any(g is None and t.numel() != 1 for t, g in zip(tensors, grads))):
+            return func(*args, **kwargs)
+        grads = tuple(torch.ones_like(t) if g is None else g for t, g in zip(tensors, grads))
+        create = bool(p.get("create_graph", False))
+        keep = create if p.get("retain_graph") is None else p["retain_graph"]
+        with self:
+            torch.autograd.Variable._execution_engine.run_backward(
+                tensors, grads, keep, create, (), allow_unreachable=True, accumulate_grad=True)
 
 
 class _NoOpStream:

@@ -21,7 +21,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mm_omni.models.common.layer_spec import transformer_layer_spec
+from mm_omni.models.common.layer_spec import transformer_block_spec
+from mm_omni.parallel.context_parallel import split_for_context_parallel
 from mm_omni.training.task import TrainTask
 
 VOCAB, HIDDEN, HEADS, LAYERS, SEQ = 64, 32, 4, 4, 16
@@ -33,7 +34,8 @@ def standin_config(args, num_layers: int = LAYERS) -> TransformerConfig:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.vpp_size,
-        sequence_parallel=args.sequence_parallel, normalization="RMSNorm", add_bias_linear=False,
+        sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
+        normalization="RMSNorm", add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
         gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, params_dtype=torch.float32,
@@ -102,6 +104,11 @@ def forward(model, batch):
     ids, labels = batch["input_ids"], batch["labels"]
     mask = (labels != -100)
     pos = torch.arange(ids.shape[1]).expand_as(ids)
+    # CP: this rank's zig-zag share of the (already shifted) tokens; megatron's rotary slices its table
+    # the same way, and the attention core builds the matching causal mask over the gathered keys
+    split = split_for_context_parallel(parallel_state.get_context_parallel_group(), ids.shape[1])
+    if split is not None:
+        ids, labels, mask, pos = (split.take(t, 1) for t in (ids, labels, mask, pos))
     out = model(ids, pos, None, labels=labels.masked_fill(~mask, 0))
     if not inner.post_process:
         return out
@@ -113,9 +120,9 @@ def standin_task(args, freeze_prefixes: tuple = ()) -> TrainTask:
     num_layers = int(args.num_layers) if args.num_layers else LAYERS
 
     def provider(pre_process, post_process, vp_stage):
+        config = standin_config(args, num_layers)
         model = GPTModel(
-            config=standin_config(args, num_layers),
-            transformer_layer_spec=transformer_layer_spec(AttnMaskType.causal),
+            config=config, transformer_layer_spec=transformer_block_spec(config, AttnMaskType.causal, vp_stage),
             vocab_size=VOCAB, max_sequence_length=SEQ, pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=False, position_embedding_type="rope", vp_stage=vp_stage)
         init_by_name(model, parallel_state.get_tensor_model_parallel_world_size(),

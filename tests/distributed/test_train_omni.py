@@ -1,5 +1,5 @@
 """``mm_omni.train --mm-model model.json --mm-data data.json`` on the tiny omni model: TP=2, DP=2
-(+ distributed optimizer) and PP=2 (text layers [1, 2], encoders on stage 0) follow the TP=1 loss curve over 3 steps (rel 1e-5, as for the stand-in:
+(+ distributed optimizer), CP=2 and PP=2 (text layers [1, 2], encoders on stage 0) follow the TP=1 loss curve over 3 steps (rel 1e-5, as for the stand-in:
 same math, different summation orders). Rows: text only, image, audio, image + audio."""
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ def test_omni_tp2_and_dp2_follow_tp1(launch):
     _, tp2 = launch("tp2", 2, "--tensor-model-parallel-size", "2")
     _, dp2 = launch("dp2", 2, "--use-distributed-optimizer")
     _, pp2 = launch("pp2", 2, "--pipeline-model-parallel-size", "2")
-    for name, rec in (("tp2", tp2), ("dp2", dp2), ("pp2", pp2)):
+    # CP=2: media features scattered into the full embeddings, then each rank keeps its zig-zag half
+    _, cp2 = launch("cp2", 2, "--context-parallel-size", "2")
+    for name, rec in (("tp2", tp2), ("dp2", dp2), ("pp2", pp2), ("cp2", cp2)):
         _close(rec["losses"], ref["losses"], f"{name} loss")
         _close(rec["grad_norms"], ref["grad_norms"], f"{name} grad norm")

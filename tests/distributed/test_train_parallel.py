@@ -66,6 +66,8 @@ def results(tmp_path_factory):
     frozen = "embedding,decoder.layers.0,decoder.layers.1,decoder.layers.3.mlp"
     run_torchrun(WORKER, 2, str(out), *_runs(
         ("tp2", "-", COMMON + ["--tensor-model-parallel-size", "2"]),
+        ("tp2sp", "-", COMMON + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        ("cp2", "-", COMMON + ["--context-parallel-size", "2"]),
         ("dp2", "-", COMMON + ["--use-distributed-optimizer"]),
         ("pp2", "-", COMMON + ["--pipeline-model-parallel-size", "2"]),
         ("vpp", "-", COMMON + ["--pipeline-model-parallel-size", "2", "--num-layers", "4",
@@ -77,7 +79,7 @@ def results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout,ranks", [("tp2", 2), ("dp2", 2), ("pp2", 2), ("vpp", 2)])
+@pytest.mark.parametrize("layout,ranks", [("tp2", 2), ("tp2sp", 2), ("cp2", 2), ("dp2", 2), ("pp2", 2), ("vpp", 2)])
 def test_layouts_match_tp1(results, layout, ranks):
     ref_loss, ref_norm = _curve(_read(results, "tp1", 1))
     loss, norm = _curve(_read(results, layout, ranks))

@@ -14,6 +14,25 @@ the tensors keep megatron's ``[s, b, h, d]`` layout (so per-token rotary tables 
 and ``cu_seqlens_q`` marks where each sequence (image, window, audio chunk, text row) starts.
 A stack that needs a different segmentation per layer (the vision encoder's window / full
 attention layers) passes a :class:`LayerwisePackedSeqParams`.
+
+Context parallelism (the text decoder's ``--context-parallel-size``; megatron-core's own CP attention
+needs TransformerEngine). Each CP rank holds ``s / cp`` tokens of every sequence in the zig-zag layout
+of :mod:`mm_omni.parallel.context_parallel`. We **all-gather K and V** over the CP group and attend the
+local queries to the full keys, rather than passing K/V blocks around a ring:
+
+* exact and simple: one softmax over the whole key range, no online-softmax merging of partial
+  results, the same kernels as without CP (SDPA with a mask; flash varlen on CUDA);
+* cheap where we use it: with GQA the K/V of Qwen2.5-Omni are small (7B: 4 groups x 128 = 512 values
+  per token for K, as many for V, against 3584 for the hidden state), so gathering them for CP 2-8 moves
+  less than one all-gather of the activations; the gathered K/V of one layer live only during its
+  attention (``s x 1024`` values per token-row: 64 MiB at 32k tokens in bf16);
+* what it gives up: a ring overlaps the transfer with compute and never holds the full K/V; at CP
+  > 8 or sequences of several 100k tokens, a ring (TE's ``p2p``) is the better trade.
+
+Causality is expressed in global positions: the gathered rows come in rank order (their positions are
+``ContextParallelSplit.kv_index``), and the decoder passes a mask ``[b, 1, s / cp, s]`` for padded
+batches or a :class:`~mm_omni.parallel.context_parallel.ContextParallelPackedSeqParams` for packed
+rows. Without a mask, a causal layer builds the zig-zag causal mask of a full (unpadded) batch itself.
 """
 
 from __future__ import annotations
@@ -31,6 +50,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mm_omni.parallel.context_parallel import (
+    ContextParallelPackedSeqParams, gather_sequence, split_for_context_parallel,
+)
 from mm_omni.platform import get_platform
 
 
@@ -94,8 +116,18 @@ class CoreAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise NotImplementedError("context parallel attention is not implemented yet")
+        # CP only where the stack's config asks for it (the encoders share the process groups but
+        # never split their sequences); the group comes with megatron's pg_collection
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_group = getattr(pg_collection, "cp", None)
+            if self.cp_group is None:
+                from megatron.core import parallel_state
+
+                self.cp_group = parallel_state.get_context_parallel_group()
+            if self.cp_group.size() != config.context_parallel_size:
+                raise ValueError(f"context_parallel_size={config.context_parallel_size} but the CP process group "
+                                 f"has {self.cp_group.size()} ranks")
         self.layer_index = max(1, layer_number) - 1
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -120,6 +152,9 @@ class CoreAttention(MegatronModule):
         if isinstance(packed_seq_params, LayerwisePackedSeqParams):
             packed_seq_params = packed_seq_params.for_layer(self.layer_index)
         s, b, hq, d = query.shape
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            out = self._context_parallel(query, key, value, attention_mask, packed_seq_params, causal, dropout)
+            return out.reshape(s, b, hq * d)
         if packed_seq_params is not None:
             if b != 1:
                 raise ValueError(f"packed sequences need batch size 1 in [s, b, h, d]; got b={b}")
@@ -146,6 +181,35 @@ class CoreAttention(MegatronModule):
             )
         return out.permute(2, 0, 1, 3)  # [s, b, h, d]
 
+    # -- context parallel: local queries, K/V gathered over the CP group -------------------------
+    def _context_parallel(self, q, k, v, attention_mask, params, causal, dropout):
+        if self.backend == "npu_fusion":
+            raise NotImplementedError("context parallelism on Ascend: use MindSpeed's CP; mm_omni's CP attention "
+                                      "runs on CUDA and CPU")
+        k, v = gather_sequence(k, self.cp_group), gather_sequence(v, self.cp_group)
+        if isinstance(params, ContextParallelPackedSeqParams):
+            q, k, v = q.squeeze(1), k.squeeze(1), v.squeeze(1)
+            if self.backend == "sdpa" and dropout == 0.0 and q.dtype in (torch.float16, torch.bfloat16):
+                # causal with q shorter than k aligns bottom-right: each chunk sees its keys up to its own end
+                kv = params.kv_gather.to(q.device)
+                return varlen_attention(q, k.index_select(0, kv), v.index_select(0, kv), params.cu_seqlens_q,
+                                        params.max_seqlen_q, causal, self.softmax_scale,
+                                        cu_seqlens_kv=params.cu_seqlens_kv, max_len_kv=params.max_seqlen_kv)[:, None]
+            mask = params.dense_mask()
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                attn_mask=~mask.to(q.device), dropout_p=dropout, scale=self.softmax_scale,
+                enable_gqa=k.shape[1] != q.shape[1],
+            )
+            return out[0].transpose(0, 1)[:, None]
+        if params is not None:
+            raise ValueError("packed sequences under context parallelism need ContextParallelPackedSeqParams "
+                             "(mm_omni.parallel.context_parallel.split_for_context_parallel(...).packed_params())")
+        if attention_mask is None and causal:
+            split = split_for_context_parallel(self.cp_group, k.shape[0], device=q.device)
+            attention_mask = split.attention_mask()
+        return self._padded(q, k, v, attention_mask, causal and attention_mask is None, dropout)
+
     # -- packed sequences (t, h, d) --------------------------------------------------------
     def _packed(self, q, k, v, params: PackedSeqParams, causal, dropout):
         cu = params.cu_seqlens_q
@@ -171,14 +235,16 @@ def _varlen_takes_enable_gqa() -> bool:
     return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_len, causal, scale=None):
+def varlen_attention(q, k, v, cu_seqlens, max_len, causal, scale=None, cu_seqlens_kv=None, max_len_kv=None):
     """Flash varlen attention on [t, h, d]. GQA is native to the flash kernel; torch >= 2.12
-    only asks for the flag (torch 2.11 has no such argument)."""
+    only asks for the flag (torch 2.11 has no such argument). Keys may be segmented differently
+    (``cu_seqlens_kv``, context parallel); causal masking then aligns each segment bottom-right."""
     from torch.nn.attention.varlen import varlen_attn
 
     extra = {"enable_gqa": k.shape[1] != q.shape[1]} if _varlen_takes_enable_gqa() else {}
+    cu_kv = cu_seqlens if cu_seqlens_kv is None else cu_seqlens_kv
     return varlen_attn(
-        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale,
+        q, k, v, cu_seqlens, cu_kv, max_len, max_len if max_len_kv is None else max_len_kv, scale=scale,
         window_size=(-1, 0) if causal else (-1, -1), **extra,
     )
 

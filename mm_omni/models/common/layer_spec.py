@@ -3,10 +3,15 @@
 A layer is megatron-core's ``TransformerLayer``: norm -> ``SelfAttention`` (fused QKV column-parallel
 linear, our :class:`CoreAttention`, row-parallel output projection) -> residual -> norm -> ``MLP``
 (column/row-parallel linears; SwiGLU or plain GELU from the ``TransformerConfig``) -> residual.
-The norm class (RMSNorm or LayerNorm) also comes from ``config.normalization``.
+The norm class (RMSNorm or LayerNorm) also comes from ``config.normalization``; it is :class:`Norm`, which,
+unlike megatron's ``WrappedTorchNorm``, accepts sequence parallelism.
 """
 
 from __future__ import annotations
+
+from typing import Optional
+
+import torch
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -15,10 +20,42 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mm_omni.models.common.attention import CoreAttention
+
+
+class Norm:
+    """torch's ``RMSNorm`` / ``LayerNorm`` (``config.normalization``) that also works under sequence parallel.
+
+    With sequence parallelism each tensor-parallel rank normalises its own slice of the sequence, so
+    the norm's (replicated) weight and bias get only a partial gradient there. megatron-core sums
+    those over the TP group in ``finalize_model_grads`` (``_allreduce_non_tensor_model_parallel_grads``)
+    for every parameter marked ``sequence_parallel = True`` (what its TE / Apex norms do); this marks
+    them the same way. megatron's ``WrappedTorchNorm`` refuses sequence parallelism instead.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"normalization={config.normalization!r}: use 'RMSNorm' or 'LayerNorm'")
+        for p in norm.parameters():
+            p.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
+def transformer_block_spec(config: TransformerConfig, attn_mask_type: AttnMaskType,
+                           vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """This stage's layers plus the block's final norm, both with :class:`Norm` (megatron builds the
+    final norm of a plain layer spec with its own ``WrappedTorchNorm``)."""
+    layer = transformer_layer_spec(attn_mask_type)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=Norm)
 
 
 def transformer_layer_spec(attn_mask_type: AttnMaskType) -> ModuleSpec:
@@ -26,7 +63,7 @@ def transformer_layer_spec(attn_mask_type: AttnMaskType) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=Norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": attn_mask_type},
@@ -39,7 +76,7 @@ def transformer_layer_spec(attn_mask_type: AttnMaskType) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=Norm,
             mlp=mlp_spec(),
             mlp_bda=get_bias_dropout_add,
         ),

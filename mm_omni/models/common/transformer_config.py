@@ -3,9 +3,10 @@
 One translation for every stack: the keys MindSpeed-MM puts on each module (norm type, activation,
 gated linear unit, biases, heads / query groups, dropout, dtype, recompute) map here, and a stack
 passes what only it knows (``num_query_groups``, ``add_qkv_bias``, ``kv_channels``, parallel sizes)
-as overrides. Fusions that need CUDA kernels (gradient-accumulation fusion, fused bias-dropout, RoPE
+as overrides. Fusions that need TransformerEngine / apex kernels (gradient-accumulation fusion, RoPE
 fusion, persistent LayerNorm, masked-softmax fusion) are off: our attention core, norms and rotary
-don't use them, and they would break the CPU mode (DESIGN §5a).
+don't use them, and they would break the CPU mode (DESIGN §5a). megatron's ``torch.compile``d
+bias-dropout-add and bias-SwiGLU (exact math) are on where the platform is CUDA.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from megatron.core.activations import fast_gelu, quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_omni.config.model import _ModuleCommon
+from mm_omni.platform import get_platform
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # transformers' "gelu" (nn.GELU / ACT2FN) is the exact erf GELU, like F.gelu
@@ -35,6 +37,15 @@ def module_dtype(cfg: _ModuleCommon) -> torch.dtype:
     if cfg.fp16:
         return torch.float16
     return DTYPES[cfg.params_dtype]
+
+
+def _fuse_swiglu(cfg: _ModuleCommon) -> bool:
+    """megatron's fused (bias +) SwiGLU (a ``torch.compile``d kernel, exact math) on CUDA; model.json's
+    ``bias_activation_fusion: false`` turns it off. GELU stays unfused: megatron's fused GELU is the tanh
+    approximation, not the exact GELU of transformers' models."""
+    if get_platform().name != "cuda" or cfg.bias_activation_fusion is False:
+        return False
+    return cfg.gated_linear_unit and cfg.activation_func == "silu"
 
 
 def megatron_transformer_config(cfg: _ModuleCommon, **overrides) -> TransformerConfig:
@@ -70,8 +81,8 @@ def megatron_transformer_config(cfg: _ModuleCommon, **overrides) -> TransformerC
         recompute_num_layers=cfg.recompute_num_layers,
         use_cpu_initialization=True,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        bias_activation_fusion=_fuse_swiglu(cfg),
+        bias_dropout_fusion=get_platform().name == "cuda",
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,

@@ -10,6 +10,14 @@ bookkeeping (first/last stage copies, ``shared_embedding_or_output_weight``).
 Batches come either padded, ``[b, s]`` with an ``attention_mask`` (left or right padding), or
 packed, ``b = 1`` with ``cu_seqlens`` marking where each sequence starts (the fast path on GPU:
 one varlen attention call, no padding).
+
+Parallelism beyond megatron's layers: with sequence parallelism the (full-length) decoder input is
+scattered over the TP ranks here, after the omni model merged the media features into it; the output
+layer gathers the sequence back before the loss. With context parallelism
+(``context_parallel_size > 1``) this rank keeps its zig-zag share of every sequence
+(:mod:`mm_omni.parallel.context_parallel`) of the embeddings, positions and shifted targets, before
+the sequence-parallel scatter; ``per_token_loss`` / ``loss_mask`` / ``logits`` are then this rank's
+tokens only, and ``loss`` is the mean over the whole sequence (its gradient is this rank's share).
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_omni.config.model import TextDecoderConfig
 from mm_omni.models.common.attention import packed_params
-from mm_omni.models.common.layer_spec import transformer_layer_spec
+from mm_omni.models.common.layer_spec import transformer_block_spec
 from mm_omni.models.common.rotary import mrope_freqs
 from mm_omni.models.common.transformer_config import megatron_transformer_config
-from mm_omni.models.text.loss import mean_loss, shift_labels, vocab_parallel_lm_loss
+from mm_omni.models.text.fused_loss import output_layer_lm_loss
+from mm_omni.models.text.loss import IGNORE_INDEX, mean_loss, shift_labels, vocab_parallel_lm_loss
+from mm_omni.parallel.context_parallel import mean_loss_over_group, split_for_context_parallel
 from mm_omni.platform import get_platform
 
 
@@ -108,6 +118,7 @@ class TextDecoder(LanguageModule):
         self.cfg = cfg
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         self.share_embeddings_and_output_weights = not cfg.untie_embeddings_and_output_weights
+        self.fused_lm_loss = True  # False: output_layer's full logits + megatron's vocab-parallel cross entropy
         if pre_process:
             # no sequence-parallel scatter here: the omni model merges media into full-length embeddings first
             self.embedding = LanguageModelEmbedding(
@@ -115,7 +126,7 @@ class TextDecoder(LanguageModule):
                 position_embedding_type="none", scatter_to_sequence_parallel=False, tp_group=self.tp_group,
             )
         self.decoder = TransformerBlock(
-            config, transformer_layer_spec(AttnMaskType.causal), post_layer_norm=True,
+            config, transformer_block_spec(config, AttnMaskType.causal, vp_stage), post_layer_norm=True,
             pre_process=pre_process, post_process=post_process, pg_collection=self.pg_collection,
             vp_stage=vp_stage,
         )
@@ -160,21 +171,28 @@ class TextDecoder(LanguageModule):
         if self.pre_process:
             hidden = decoder_input if decoder_input is not None else self.embed(input_ids)
             s, b, device = hidden.shape[0], hidden.shape[1], hidden.device
-            if self.config.sequence_parallel:
-                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
         else:
             hidden = None  # the block uses the tensor handed over by set_input_tensor
             ref = labels if labels is not None else input_ids if input_ids is not None else position_ids
             if ref is None:
                 raise ValueError("a later pipeline stage needs labels, input_ids or position_ids for the shapes")
             b, s, device = ref.shape[-2], ref.shape[-1], ref.device
+        if cu_seqlens is not None and b != 1:
+            raise ValueError(f"packed input (cu_seqlens) needs batch size 1; got b={b}")
+        cp_group = self.cp_group if self.config.context_parallel_size > 1 else None
+        split = split_for_context_parallel(cp_group, s, cu_seqlens, device)
+        if hidden is not None:
+            if split is not None:  # after the media scatter (omni model), before the sequence-parallel scatter
+                hidden = split.take(hidden, 0)
+            if self.config.sequence_parallel:
+                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
 
         packed_seq_params, mask = None, None
         if cu_seqlens is not None:
-            if b != 1:
-                raise ValueError(f"packed input (cu_seqlens) needs batch size 1; got b={b}")
             # a packed row has no padding: cu_seqlens alone say what attends to what (any mask is ignored)
-            packed_seq_params = packed_params(cu_seqlens.to(device))
+            packed_seq_params = split.packed_params() if split is not None else packed_params(cu_seqlens.to(device))
+        elif split is not None:
+            mask = split.attention_mask(None if attention_mask is None else attention_mask.to(device))
         elif attention_mask is not None:
             mask = padding_attention_mask(attention_mask.to(device))
 
@@ -182,6 +200,8 @@ class TextDecoder(LanguageModule):
             position_ids = default_position_ids(b, s, device, cu_seqlens)
         elif position_ids.dim() == 2:
             position_ids = position_ids[None].expand(3, -1, -1)
+        if split is not None:
+            position_ids = split.take(position_ids.to(device), 2)
         freqs = mrope_freqs(position_ids.to(device), self.cfg.head_dim, self.cfg.mrope_section, self.cfg.rope_theta)
 
         hidden = self.decoder(hidden, attention_mask=mask, rotary_pos_emb=freqs, packed_seq_params=packed_seq_params)
@@ -189,14 +209,26 @@ class TextDecoder(LanguageModule):
             return DecoderOutput(hidden_states=hidden)
 
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, vocab / tp]
+        # the training path: output layer + loss in token chunks, no full logits (fused_loss.py)
+        fused = (labels is not None and not return_logits and self.fused_lm_loss
+                 and type(self.output_layer) is tensor_parallel.ColumnParallelLinear)
+        logits = None if fused else self.output_layer(hidden, weight=weight)[0]  # [s, b, vocab / tp]
         out = DecoderOutput()
         if return_logits:
             full = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
             out.logits = full.transpose(0, 1)
             logits = logits.clone()  # the loss kernel below overwrites fp32 logits in place
         if labels is not None:
-            targets = shift_labels(labels.to(device), cu_seqlens)
-            out.per_token_loss, out.loss_mask = vocab_parallel_lm_loss(logits, targets)
-            out.loss = mean_loss(out.per_token_loss, out.loss_mask)
+            targets = shift_labels(labels.to(device), cu_seqlens)  # on the full sequence, then split
+            if split is not None:
+                targets = split.take(targets, 1)
+            if fused:
+                out.per_token_loss, out.loss_mask = output_layer_lm_loss(
+                    self.output_layer, hidden, weight, targets, IGNORE_INDEX)
+            else:
+                out.per_token_loss, out.loss_mask = vocab_parallel_lm_loss(logits, targets)
+            if split is not None:
+                out.loss = mean_loss_over_group(out.per_token_loss, out.loss_mask, split.group)
+            else:
+                out.loss = mean_loss(out.per_token_loss, out.loss_mask)
         return out

@@ -1,0 +1,1 @@
+"""Parallel layout: process groups per module (hetero), media balancing across ranks, CP helpers."""
