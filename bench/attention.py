@@ -121,7 +121,7 @@ def decoder_rows(args, dev, dtype):
     x = torch.randn(s, b, hidden, device=dev, dtype=dtype, requires_grad=True)
     t_ours = timeit(fwd_bwd(lambda: ours(x, attention_mask=None, rotary_pos_emb=freqs), x), args.iters)
     mem_ours = torch.cuda.max_memory_allocated() / 2**30
-    del ours
+    ours = None  # free it before the next model
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 

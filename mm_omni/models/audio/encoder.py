@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_omni.config.model import AudioEncoderConfig
-from mm_omni.models.audio.front_end import chunk_layout, conv_stem, gather_chunks, sinusoid_table
+from mm_omni.models.audio.front_end import ChunkLayout, chunk_layout, conv_stem, gather_chunks, sinusoid_table
 from mm_omni.models.common.layer_spec import transformer_layer_spec
 from mm_omni.models.common.transformer_config import megatron_transformer_config
 from mm_omni.platform import get_platform
@@ -53,6 +53,7 @@ class OmniAudioTransformer(MegatronModule):
             config, transformer_layer_spec(AttnMaskType.no_mask), post_layer_norm=False,
             pg_collection=pg_collection,
         )
+        self.graphed_blocks = None  # common.cuda_graphs.enable_encoder_cuda_graphs turns it on (CUDA only)
         self.ln_post = torch.nn.LayerNorm(d, eps=cfg.layernorm_epsilon, dtype=dtype)
         self.proj = torch.nn.Linear(d, cfg.output_dim, dtype=dtype)
         # Unused by transformers' forward too; kept so checkpoints round-trip. Frozen: a trainable
@@ -61,13 +62,28 @@ class OmniAudioTransformer(MegatronModule):
         self.audio_bos_eos_token.weight.requires_grad_(False)
 
     def forward(self, input_features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
-        feature_lens = feature_lens.to(input_features.device)
-        layout = chunk_layout(feature_lens, self.n_window)
+        # built where feature_lens are: host lens (the collator's) cost no device sync
+        layout = chunk_layout(feature_lens, self.n_window).to(input_features.device)
+        if input_features.dim() == 2:  # the flat layout indexes by clip offsets
+            feature_lens = feature_lens.to(input_features.device)
         chunks = gather_chunks(input_features, feature_lens, layout)
-        hidden = conv_stem(self.conv1, self.conv2, chunks, layout, self.positional_embedding)
+        inputs = (chunks, layout.chunk_frames, layout.token_index, layout.cu_seqlens, layout.pool_index)
+        if self.graphed_blocks is not None and self.graphed_blocks.usable(chunks):
+            # everything after the gather in one graph per (chunks, tokens, pooled tokens, longest chunk):
+            # the layout's index tensors are its inputs
+            def fn(*tensors, max_len=layout.max_chunk_tokens):
+                return self.encode_chunks(*tensors, max_len=max_len)
+
+            return self.graphed_blocks.call(("audio", layout.max_chunk_tokens), self, fn, *inputs)
+        return self.encode_chunks(*inputs, max_len=layout.max_chunk_tokens)
+
+    def encode_chunks(self, chunks, chunk_frames, token_index, cu_seqlens, pool_index, max_len: int) -> torch.Tensor:
+        """Conv stem -> blocks (attention inside each chunk) -> pair pooling -> ``ln_post`` -> ``proj``."""
+        stem_layout = ChunkLayout(self.n_window * 2, None, None, chunk_frames, token_index, cu_seqlens, max_len, pool_index)
+        hidden = conv_stem(self.conv1, self.conv2, chunks, stem_layout, self.positional_embedding)
         hidden = self.blocks(hidden[:, None], attention_mask=None,
-                             packed_seq_params=layout.packed_seq_params())[:, 0]
-        pooled = (hidden[layout.pool_index] + hidden[layout.pool_index + 1]) / 2
+                             packed_seq_params=stem_layout.packed_seq_params())[:, 0]
+        pooled = (hidden[pool_index] + hidden[pool_index + 1]) / 2
         return self.proj(self.ln_post(pooled))
 
 

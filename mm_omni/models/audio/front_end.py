@@ -5,7 +5,8 @@ frames (the last one shorter), runs the two convolutions per chunk (positions re
 chunk), lets tokens attend only inside their chunk, and finally average-pools pairs of tokens per
 clip (across chunk borders). Everything here is index arithmetic on small per-clip / per-chunk
 tensors, computed once per forward with a single host sync (the sizes of the outputs), so the hot
-path has no Python loop over clips or chunks.
+path has no Python loop over clips or chunks. With ``feature_lens`` on the host (as the collator makes
+them) the layout is built there and moved in one asynchronous copy: no device sync at all.
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ class ChunkLayout:
     @property
     def num_tokens(self) -> int:
         return self.token_index.numel()
+
+    def to(self, device) -> "ChunkLayout":
+        """All index tensors in ONE (pinned, asynchronous) host-to-device copy: no sync in forward."""
+        device = torch.device(device)
+        tensors = [self.chunk_clip, self.chunk_start, self.chunk_frames, self.token_index, self.cu_seqlens,
+                   self.pool_index]
+        if tensors[0].device == device or device.type == "cpu":
+            return self
+        flat = torch.cat([t.reshape(-1).long() for t in tensors]).pin_memory()
+        parts = flat.to(device, non_blocking=True).split([t.numel() for t in tensors])
+        moved = [part.to(t.dtype) for part, t in zip(parts, tensors)]
+        return ChunkLayout(self.window, *moved[:5], self.max_chunk_tokens, moved[5])
 
     def packed_seq_params(self) -> PackedSeqParams:
         """Attention inside each chunk only: one varlen call for the whole batch."""

@@ -45,6 +45,7 @@ class VisionTransformer(MegatronModule):
                                       cfg.hidden_size, dtype=config.params_dtype)
         self.blocks = TransformerBlock(config, transformer_layer_spec(AttnMaskType.no_mask),
                                        post_layer_norm=False, pg_collection=pg_collection)
+        self.graphed_blocks = None  # common.cuda_graphs.enable_encoder_cuda_graphs turns it on (CUDA only)
 
     def layout(self, grid_thw: torch.Tensor) -> VisionLayout:
         cfg = self.cfg
@@ -63,6 +64,16 @@ class VisionTransformer(MegatronModule):
         hidden = hidden.view(host.num_patches, 1, -1)  # megatron's [s, b=1, h]
         # one rotary table for the whole batch, already in window order; every layer reuses it
         freqs = vision_rotary_freqs(layout.pos_hw, self.head_dim, self.cfg.rope_theta)
+        if self.graphed_blocks is not None and self.graphed_blocks.usable(hidden):
+            # one graph per (patches, windows, frames, longest window / frame); the tables are its inputs
+            def block_kwargs(freqs, cu_window, cu_frames, maxes=(host.max_window_seqlen, host.max_seqlen)):
+                params = VisionLayout(None, None, None, cu_window, cu_frames, *maxes)
+                return dict(rotary_pos_emb=freqs,
+                            packed_seq_params=params.packed_seq_params(self.cfg.fullatt_block_indexes))
+
+            key = ("vision", host.max_window_seqlen, host.max_seqlen)
+            hidden = self.graphed_blocks(key, block_kwargs, hidden, freqs, layout.cu_window_seqlens, layout.cu_seqlens)
+            return hidden[:, 0], layout
         packed = layout.packed_seq_params(self.cfg.fullatt_block_indexes)
         hidden = self.blocks(hidden, attention_mask=None, rotary_pos_emb=freqs, packed_seq_params=packed)
         return hidden[:, 0], layout

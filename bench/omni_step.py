@@ -1,0 +1,415 @@
+"""Whole thinker step, ours vs transformers, on DESIGN §8's two rows (GPU; run through the device tool).
+
+Builds Qwen2.5-Omni 7B widths at reduced depth (text 4 layers, vision 8 with full attention in
+layer 7, audio 8), random weights in transformers' ``Qwen2_5OmniThinkerForConditionalGeneration``,
+copies them through ``converters.qwen2_5_omni.keymap`` into our ``OmniModel`` and runs, in bf16,
+fwd+bwd on the same inputs for both:
+
+* reference row: a 448x448 image (256 merged tokens), 10 s of audio (250 tokens), 2048 text tokens;
+* encoder-heavy row: a 16-frame 448x448 video (2048 tokens), 30 s of audio (750 tokens), 512 text.
+
+Prints ms/step, tokens/s, TFLOP/s, MFU (against a bf16 8192^3 matmul measured in the same run),
+peak GiB, the ratio, a per-module breakdown (each module's fwd+bwd timed on its own: vision
+encoder, audio encoder, decoder incl. output layer and loss) and both losses.
+
+    python bench/omni_step.py [--iters 10] [--rows ref,heavy] [--variants base,fused,graphs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mm_omni.platform import get_platform, synchronize  # noqa: E402
+
+# Qwen2.5-Omni-7B special token ids
+IDS = dict(image_token_index=151655, video_token_index=151656, audio_token_index=151646,
+           vision_start_token_id=151652, vision_end_token_id=151653,
+           audio_start_token_id=151647, audio_end_token_id=151648)
+TEXT = dict(hidden=3584, ffn=18944, heads=28, groups=4, vocab=152064, layers=4, mrope=[16, 24, 24])
+VISION = dict(hidden=1280, ffn=3420, heads=16, layers=8, patch=14, merge=2, temporal=2, window=112)
+AUDIO = dict(hidden=1280, ffn=5120, heads=20, layers=8, mel=128, n_window=100)
+
+
+def thinker_config():
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniThinkerConfig
+
+    text = dict(vocab_size=TEXT["vocab"], hidden_size=TEXT["hidden"], intermediate_size=TEXT["ffn"],
+                num_hidden_layers=TEXT["layers"], num_attention_heads=TEXT["heads"],
+                num_key_value_heads=TEXT["groups"], rms_norm_eps=1e-6, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": TEXT["mrope"]},
+                tie_word_embeddings=False)
+    vision = dict(depth=VISION["layers"], hidden_size=VISION["hidden"], intermediate_size=VISION["ffn"],
+                  num_heads=VISION["heads"], in_channels=3, patch_size=VISION["patch"],
+                  spatial_merge_size=VISION["merge"], temporal_patch_size=VISION["temporal"],
+                  window_size=VISION["window"], out_hidden_size=TEXT["hidden"],
+                  fullatt_block_indexes=[VISION["layers"] - 1], hidden_act="silu")
+    audio = dict(num_mel_bins=AUDIO["mel"], encoder_layers=AUDIO["layers"], encoder_attention_heads=AUDIO["heads"],
+                 encoder_ffn_dim=AUDIO["ffn"], d_model=AUDIO["hidden"], max_source_positions=1500,
+                 n_window=AUDIO["n_window"], output_dim=TEXT["hidden"])
+    cfg = Qwen2_5OmniThinkerConfig(text_config=text, vision_config=vision, audio_config=audio, **IDS)
+    cfg._attn_implementation = "sdpa"
+    for sub in (cfg.text_config, cfg.vision_config, cfg.audio_config):
+        sub._attn_implementation = "sdpa"
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+def make_row(kind: str, mm_cfg, dev, dtype, seed: int = 0) -> dict:
+    """One row of DESIGN §8 with its media, labels and 3D positions (ours, equal to transformers')."""
+    from mm_omni.models.rope_index import audio_token_count, get_rope_index
+
+    gen = torch.Generator().manual_seed(seed)
+    side = 448 // VISION["patch"]  # 32 patches a side
+    if kind == "ref":
+        grid, video, seconds, n_text = [1, side, side], False, 10, 2048
+    else:
+        grid, video, seconds, n_text = [16 // VISION["temporal"], side, side], True, 30, 512
+    mel = seconds * 100
+    n_vis = grid[0] * grid[1] * grid[2] // VISION["merge"] ** 2
+    n_aud = audio_token_count(mel)
+    vis_tok = IDS["video_token_index"] if video else IDS["image_token_index"]
+    body = torch.randint(0, 150000, (n_text - 4,), generator=gen).tolist()
+    half = len(body) // 2
+    ids = (body[:half] + [IDS["vision_start_token_id"]] + [vis_tok] * n_vis + [IDS["vision_end_token_id"]]
+           + [IDS["audio_start_token_id"]] + [IDS["audio_token_index"]] * n_aud + [IDS["audio_end_token_id"]]
+           + body[half:])
+    grid_t = torch.tensor([grid])
+    pos = get_rope_index(
+        ids, image_token_id=IDS["image_token_index"], video_token_id=IDS["video_token_index"],
+        audio_token_id=IDS["audio_token_index"], image_grid_thw=None if video else grid_t,
+        video_grid_thw=grid_t if video else None, video_second_per_grid=[1.0] if video else None,
+        audio_seqlens=[mel], spatial_merge_size=VISION["merge"],
+        position_id_per_seconds=mm_cfg.position_id_per_seconds, seconds_per_chunk=mm_cfg.seconds_per_chunk,
+    )
+    input_ids = torch.tensor([ids])
+    labels = torch.where(input_ids < 150000, input_ids, torch.full_like(input_ids, -100))
+    width = 3 * VISION["temporal"] * VISION["patch"] ** 2
+    pixels = torch.randn(grid[0] * grid[1] * grid[2], width, generator=gen)
+    feats = torch.randn(1, AUDIO["mel"], mel, generator=gen)
+    row = dict(input_ids=input_ids.to(dev), labels=labels.to(dev), position_ids=pos[:, None].to(dev),
+               input_features=feats.to(dev, dtype), feature_attention_mask=torch.ones(1, mel, dtype=torch.long, device=dev))
+    if video:
+        row.update(pixel_values_videos=pixels.to(dev, dtype), video_grid_thw=grid_t)
+    else:
+        row.update(pixel_values=pixels.to(dev, dtype), image_grid_thw=grid_t)
+    row["tokens"] = len(ids)
+    row["flops"] = step_flops(len(ids), grid, mel)
+    row["desc"] = (f"{'16-frame video' if video else 'image'} 448x448 ({n_vis} tok) + {seconds} s audio "
+                   f"({n_aud} tok) + {n_text} text = {len(ids)} tokens")
+    return row
+
+
+def step_flops(seq: int, grid, mel: int) -> dict:
+    """Matmul FLOPs of one fwd+bwd (3x forward) per module: linears + attention scores/values."""
+    h, f, g = TEXT["hidden"], TEXT["ffn"], TEXT["hidden"] // TEXT["heads"] * TEXT["groups"]
+    text_lin = h * (h + 2 * g) + h * h + 3 * h * f
+    text = TEXT["layers"] * (2 * seq * text_lin + 2 * seq * seq * h) + 2 * seq * h * TEXT["vocab"]
+    vh, vf = VISION["hidden"], VISION["ffn"]
+    t, hh, ww = grid
+    patches = t * hh * ww
+    win = (VISION["window"] // VISION["patch"]) ** 2  # patches per window (448 is a multiple of 112)
+    vis_lin = 4 * vh * vh + 3 * vh * vf
+    vis_attn = 4 * vh * (patches * win * (VISION["layers"] - 1) + patches * hh * ww)  # windows + 1 full layer
+    vis = (2 * patches * (3 * VISION["temporal"] * VISION["patch"] ** 2 * vh) + VISION["layers"] * 2 * patches * vis_lin
+           + vis_attn + 2 * (patches // 4) * (4 * vh * 4 * vh + 4 * vh * h))
+    ah, af = AUDIO["hidden"], AUDIO["ffn"]
+    tok = (mel - 1) // 2 + 1
+    chunk = AUDIO["n_window"]  # tokens per 2*n_window-frame chunk
+    aud = (2 * mel * AUDIO["mel"] * ah * 3 + 2 * tok * ah * ah * 3 + AUDIO["layers"] * (
+        2 * tok * (4 * ah * ah + 2 * ah * af) + 4 * ah * tok * chunk) + 2 * (tok // 2) * ah * h)
+    return {"vision": 3 * vis, "audio": 3 * aud, "decoder": 3 * text}
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+def timeit(fn, iters: int, warmup: int = 3) -> float:
+    """Median ms of ``fn()`` (CUDA events; a host clock in the CPU smoke run)."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(iters):
+        if not torch.cuda.is_available():
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_ceiling(dev) -> float:
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    ms = timeit(lambda: a @ b, 20, warmup=5)
+    return 2 * n**3 / ms / 1e9  # TFLOP/s
+
+
+def _pooled(out) -> torch.Tensor:
+    """transformers' encoder outputs across versions: tensor, ModelOutput or a tuple of per-item tensors."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("pooler_output", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return torch.cat(list(value)) if isinstance(value, (list, tuple)) else value
+    if isinstance(out, (list, tuple)):
+        return torch.cat(list(out))
+    raise TypeError(type(out))
+
+
+class Side:
+    """One model's step and its parts as closures over one row."""
+
+    def __init__(self, name, model, row, hf: bool):
+        self.name, self.model, self.row, self.hf = name, model, row, hf
+        dev = row["input_ids"].device
+        self.video = "pixel_values_videos" in row
+        s = row["tokens"]
+        g = torch.Generator(device=dev).manual_seed(7)
+        dtype = next(model.parameters()).dtype
+        self.host_mask = row["feature_attention_mask"].cpu()
+        self.emb = (torch.randn(s, TEXT["hidden"], device=dev, dtype=dtype, generator=g) * 0.02)
+        self.gv = torch.randn(self._n_vis(), TEXT["hidden"], device=dev, dtype=dtype, generator=g)
+        self.ga = torch.randn(int((row["input_ids"] == IDS["audio_token_index"]).sum()), TEXT["hidden"],
+                              device=dev, dtype=dtype, generator=g)
+
+    def _n_vis(self):
+        tok = IDS["video_token_index"] if self.video else IDS["image_token_index"]
+        return int((self.row["input_ids"] == tok).sum())
+
+    def zero(self):
+        self.model.zero_grad(set_to_none=True)
+
+    def step_loss(self):
+        r = self.row
+        kw = {k: r[k] for k in ("input_ids", "labels", "position_ids", "input_features", "feature_attention_mask",
+                                "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw") if k in r}
+        if not self.hf:  # ours takes grid_thw and the audio mask on the host, as the collator makes them
+            kw["feature_attention_mask"] = self.host_mask
+        if self.hf:  # transformers computes the vision positions on grid_thw's device
+            kw.update({k: kw[k].to(self.emb.device) for k in ("image_grid_thw", "video_grid_thw") if k in kw})
+            if self.video:
+                kw["video_second_per_grid"] = torch.tensor([1.0], device=self.emb.device)
+        return self.model(**kw).loss
+
+    def step(self):
+        self.zero()
+        self.step_loss().backward()
+
+    def vision(self):
+        self.zero()
+        r = self.row
+        px = r["pixel_values_videos"] if self.video else r["pixel_values"]
+        grid = r["video_grid_thw"] if self.video else r["image_grid_thw"]
+        if self.hf:
+            fn = self.model.get_video_features if self.video else self.model.get_image_features
+            out = _pooled(fn(px, grid.to(px.device)))
+        else:
+            out = self.model.image_encoder(px, grid)
+        out.backward(self.gv)
+
+    def audio(self):
+        self.zero()
+        r = self.row
+        if self.hf:
+            out = _pooled(self.model.get_audio_features(r["input_features"],
+                                                        feature_attention_mask=r["feature_attention_mask"]))
+        else:
+            out = self.model.audio_encoder(r["input_features"], self.host_mask.sum(-1))
+        out.backward(self.ga)
+
+    def decoder(self):
+        self.zero()
+        r = self.row
+        emb = self.emb.detach().requires_grad_()
+        if self.hf:
+            loss = self.model(inputs_embeds=emb[None], position_ids=r["position_ids"], labels=r["labels"]).loss
+        else:
+            loss = self.model.text_decoder(input_ids=r["input_ids"], position_ids=r["position_ids"],
+                                           labels=r["labels"], decoder_input=emb[:, None]).loss
+        loss.backward()
+
+
+def profile_step(side: "Side", path: str) -> None:
+    """Kernel table (CUDA time) of two steps; the top rows are printed, the whole table saved."""
+    from torch.profiler import ProfilerActivity, profile
+
+    side.step()
+    synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            side.step()
+        synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(table)
+    print(f"\n  top kernels, {side.name} (2 steps), full table in {path}")
+    print("\n".join(table.splitlines()[:18]))
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def measure(side: Side, other_bytes: int, iters: int) -> dict:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    res = {"step": timeit(side.step, iters)}
+    res["peak"] = (torch.cuda.max_memory_allocated() - other_bytes) / 2**30 if cuda else 0.0
+    with torch.no_grad():
+        res["loss"] = float(side.step_loss())
+    for part in ("vision", "audio", "decoder"):
+        res[part] = timeit(getattr(side, part), iters)
+    side.zero()
+    return res
+
+
+def build_models(dev, dtype):
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from converters.qwen2_5_omni import keymap
+    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.omni import OmniModel
+
+    cfg = thinker_config()
+    torch.manual_seed(0)
+    with torch.device(dev):
+        hf = Qwen2_5OmniThinkerForConditionalGeneration(cfg)
+    hf = hf.to(dev)  # buffers some versions create on the host
+    # rotary inverse frequencies stay fp32, as from_pretrained(dtype=bf16) leaves them
+    inv_freqs = {name: buf.float().clone() for name, buf in hf.named_buffers() if name.endswith("inv_freq")}
+    hf = hf.to(dtype).train()
+    for name, buf in inv_freqs.items():
+        owner, _, leaf = name.rpartition(".")
+        hf.get_submodule(owner)._buffers[leaf] = buf
+    mm_cfg = from_hf_thinker_config(cfg)
+    # random init is skipped (the weights come from transformers); every parameter in bf16 as Float16Module does
+    ours = OmniModel(mm_cfg, text_config_overrides={"perform_initialization": False}).to(dev, dtype).train()
+    state = keymap.hf_to_mm({k: v for k, v in hf.state_dict().items()}, cfg)
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.endswith("._extra_state") for k in missing), missing
+    return cfg, mm_cfg, hf, ours
+
+
+VARIANTS = {
+    "base": "full logits + megatron CE, eager encoders",
+    "fused": "chunked fused CE, eager encoders",
+    "graphs": "chunked fused CE, CUDA-graphed encoder blocks",
+}
+
+
+def set_variant(ours, name: str) -> None:
+    from mm_omni.models.common.cuda_graphs import enable_encoder_cuda_graphs
+
+    ours.text_decoder.fused_lm_loss = name != "base"
+    if name == "graphs":
+        if getattr(ours, "_bench_graphs", None) is None:
+            ours._bench_graphs = {m: None for m in ours.modules() if hasattr(m, "graphed_blocks")}
+            enable_encoder_cuda_graphs(ours)
+            ours._bench_graphs = {m: m.graphed_blocks for m in ours._bench_graphs}
+        for m, g in ours._bench_graphs.items():
+            m.graphed_blocks = g
+    else:
+        for m in ours.modules():
+            if hasattr(m, "graphed_blocks"):
+                m.graphed_blocks = None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rows", default="ref,heavy")
+    parser.add_argument("--variants", default="base,fused,graphs", help=f"ours, any of {list(VARIANTS)}")
+    parser.add_argument("--profile", default="", help="write a kernel table of one step per model here")
+    parser.add_argument("--smoke", action="store_true", help="tiny widths, fp32 on the CPU: checks the script, not speed")
+    args = parser.parse_args()
+    if args.smoke:
+        os.environ["MM_OMNI_DEVICE"] = "cpu"
+        TEXT.update(hidden=64, ffn=128, heads=4, groups=2, mrope=[2, 3, 3])
+        VISION.update(hidden=32, ffn=48, heads=2)
+        AUDIO.update(hidden=32, ffn=64, heads=4)
+    elif get_platform().name != "cuda":
+        raise SystemExit("bench/omni_step.py needs a CUDA GPU (run it through the device tool)")
+    import torch.distributed as dist
+    import transformers
+    from megatron.core import parallel_state, tensor_parallel
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29534")
+    dist.init_process_group(get_platform().dist_backend, rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    dev, dtype = get_platform().device, (torch.float32 if args.smoke else torch.bfloat16)
+    ceiling = matmul_ceiling(dev) if not args.smoke else 1.0
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU smoke run"
+    print(f"GPU: {gpu} | torch {torch.__version__} | transformers {transformers.__version__}"
+          f" | {dtype} fwd+bwd | 8192^3 bf16 matmul: {ceiling:.0f} TFLOP/s")
+    cfg, mm_cfg, hf, ours = build_models(dev, dtype)
+    hf_bytes, our_bytes = param_bytes(hf), param_bytes(ours)
+    print(f"params: transformers {hf_bytes / 2**30:.2f} GiB, ours {our_bytes / 2**30:.2f} GiB")
+    variants = args.variants.split(",")
+    for name in variants:
+        print(f"  mm_omni[{name}]: {VARIANTS[name]}")
+
+    for kind in args.rows.split(","):
+        row = make_row(kind, mm_cfg, dev, dtype)
+        flops = row["flops"]
+        total = sum(flops.values())
+        res = {"transformers": measure(Side("transformers", hf, row, True), our_bytes, args.iters)}
+        for name in variants:
+            set_variant(ours, name)
+            res[f"mm_omni[{name}]"] = measure(Side(name, ours, row, False), hf_bytes, args.iters)
+        set_variant(ours, "base")
+        print(f"\n{'reference' if kind == 'ref' else 'encoder-heavy'} row: {row['desc']}")
+        print(f"  model FLOPs per step: vision {flops['vision'] / 1e12:.2f}, audio {flops['audio'] / 1e12:.2f}, "
+              f"decoder {flops['decoder'] / 1e12:.2f} TFLOP (fwd+bwd)")
+        print(f"  {'model':16s} {'ms/step':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
+              f"{'vision ms':>10s} {'audio ms':>9s} {'decoder ms':>11s} {'loss':>9s}")
+        t = res["transformers"]
+        for name, r in res.items():
+            print(f"  {name:16s} {r['step']:8.1f} {row['tokens'] / r['step'] * 1e3:9.0f} {total / r['step'] / 1e9:8.1f} "
+                  f"{total / r['step'] / 1e9 / ceiling:6.1%} {r['peak']:9.1f} {r['vision']:10.2f} {r['audio']:9.2f} "
+                  f"{r['decoder']:11.2f} {r['loss']:9.5f}")
+        for name, o in res.items():
+            if name == "transformers":
+                continue
+            rel = abs(o["loss"] - t["loss"]) / abs(t["loss"])
+            print(f"  {name:16s} speedup: step {t['step'] / o['step']:.2f}x | vision {t['vision'] / o['vision']:.2f}x"
+                  f" | audio {t['audio'] / o['audio']:.2f}x | decoder {t['decoder'] / o['decoder']:.2f}x"
+                  f" | loss rel diff {rel:.1e} ({'within' if rel < 1e-2 else 'NOT within'} 1e-2)")
+        o = res[f"mm_omni[{variants[-1]}]"]
+        print(f"  module TFLOP/s, transformers vs mm_omni[{variants[-1]}]: "
+              + ", ".join(f"{p} {flops[p] / t[p] / 1e9:.0f} vs {flops[p] / o[p] / 1e9:.0f}"
+                          for p in ("vision", "audio", "decoder")))
+        if args.profile:
+            set_variant(ours, variants[-1])
+            for name, model, is_hf in (("transformers", hf, True), (f"mm_omni-{variants[-1]}", ours, False)):
+                profile_step(Side(name, model, row, is_hf), f"{args.profile}/profile_{kind}_{name}.txt")
+            set_variant(ours, "base")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
