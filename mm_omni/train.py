@@ -36,7 +36,7 @@ def prepare_args(argv: Optional[Sequence[str]] = None):
         if chunks > 1 and args.virtual_pipeline_model_parallel_size is None:
             args.virtual_pipeline_model_parallel_size = chunks  # model.json's nested pipeline_num_layers
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_args(args, world)
+    validate_args(args, world, model_cfg)
     if args.tensorboard_dir:
         from mm_omni.training.metrics import require_tensorboard
 

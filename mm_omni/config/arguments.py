@@ -34,6 +34,7 @@ KERNEL_FLAGS = {
     "--no-bias-swiglu-fusion": "no fused bias-SwiGLU kernel is used",
     "--no-rope-fusion": "rope fusion is always off",
     "--use-distributed-optimizer-overlap": "no overlap of the distributed optimizer's gathers",
+    "--lora-fusion": "LoRA runs as two small matmuls beside the base linear (no fused LoRA communication kernel)",
 }
 # flag -> text_decoder field of model.json it describes (model.json wins; disagreements are logged)
 STRUCTURE_FLAGS = {
@@ -136,11 +137,13 @@ def build_parser() -> ArgumentParser:
     add("--mm-tool", type=str, default=None)
     add("--tokenizer-type", type=str, default=None)
     add("--tokenizer-model", type=str, default=None)
-    # LoRA
+    # LoRA (MindSpeed-MM / Megatron spellings; --lora-rank as in ms-swift's --lora_rank)
     add("--lora-target-modules", type=str, nargs="*", default=[])
-    add("--lora-r", type=int, default=16)
-    add("--lora-alpha", type=int, default=32)
+    add("--lora-r", "--lora-rank", dest="lora_r", type=int, default=16)
+    add("--lora-alpha", type=float, default=32)
     add("--lora-dropout", type=float, default=0.0)
+    # speed: CUDA graphs of the encoders' blocks (mm_omni.models.common.cuda_graphs; bench/omni_step.py)
+    flag("--encoder-cuda-graphs")
     # kernel flags and model-structure flags: accepted, see the module docstring
     for name in KERNEL_FLAGS:
         flag(name)
@@ -174,11 +177,17 @@ def _fail(flag: str, value, fix: str) -> None:
     raise ArgumentsError(f"{flag}={value}: {fix}")
 
 
-def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+def validate_args(args: argparse.Namespace, world_size: int, model_cfg=None) -> argparse.Namespace:
     """Check the combination and derive ``data_parallel_size``, ``num_microbatches``, ``vpp_size``.
 
-    Runs before any model is built; every error names the flag, its value and the fix.
+    Runs before any model is built; every error names the flag, its value and the fix. With
+    ``--hetero-parallel`` the parallel sizes come from ``model_cfg`` (model.json, see
+    :mod:`mm_omni.parallel.hetero`).
     """
+    if args.hetero_parallel:
+        from mm_omni.parallel.hetero import resolve_layout
+
+        resolve_layout(args, model_cfg, world_size)
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     for name, v in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
                     ("--context-parallel-size", cp), ("--micro-batch-size", args.micro_batch_size),
@@ -189,8 +198,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _fail("--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size",
               f"{tp}x{pp}x{cp}", f"the world size {world_size} must be divisible by TPxPPxCP={tp * pp * cp}; "
               "change the parallel sizes or the number of processes")
-    if cp > 1:
-        _fail("--context-parallel-size", cp, "context parallelism is not implemented for the omni decoder yet; use 1")
     dp = world_size // (tp * pp * cp)
     args.data_parallel_size = dp
     mbs = args.micro_batch_size
@@ -222,13 +229,37 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         _fail("--recompute-method", args.recompute_method, "also give --recompute-granularity full")
     if args.recompute_granularity == "full" and args.recompute_method and args.recompute_num_layers is None:
         _fail("--recompute-num-layers", None, "give the number of layers per recompute group with --recompute-method")
-    if args.hetero_parallel and (tp, pp, cp) != (1, 1, 1):
-        _fail("--hetero-parallel", True, "the launcher's TP, PP and CP must all be 1: the sizes come from model.json")
     if args.hetero_parallel:
-        _fail("--hetero-parallel", True, "heterogeneous per-module parallelism is not wired into this trainer yet")
-    if args.lora_target_modules:
-        _fail("--lora-target-modules", args.lora_target_modules, "LoRA is not wired into this trainer yet")
+        from mm_omni.parallel.hetero import check_batch
+
+        check_batch(args, model_cfg, world_size)
+    _validate_lora(args)
+    if args.encoder_cuda_graphs:
+        from mm_omni import platform
+
+        if not platform.supports_graphs():
+            _fail("--encoder-cuda-graphs", True, f"CUDA graphs need a CUDA GPU and this run is on "
+                  f"{platform.get_platform().name}; drop the flag")
     return args
+
+
+def _validate_lora(args: argparse.Namespace) -> None:
+    if not args.lora_target_modules:
+        if args.given & {"--lora-r", "--lora-rank", "--lora-alpha", "--lora-dropout"}:
+            logger.warning("--lora-r/--lora-alpha/--lora-dropout given without --lora-target-modules: no LoRA")
+        return
+    from mm_omni.lora.targets import LoraTargetError, parse_targets
+
+    try:
+        parse_targets(args.lora_target_modules)
+    except LoraTargetError as err:
+        raise ArgumentsError(str(err)) from None
+    if args.lora_r < 1:
+        _fail("--lora-r", args.lora_r, "the LoRA rank must be >= 1, e.g. 8 or 16")
+    if args.lora_alpha <= 0:
+        _fail("--lora-alpha", args.lora_alpha, "must be > 0 (the update is scaled by alpha / r)")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        _fail("--lora-dropout", args.lora_dropout, "must be in [0, 1)")
 
 
 def _validate_vpp(args: argparse.Namespace, pp: int) -> None:

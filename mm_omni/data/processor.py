@@ -71,8 +71,9 @@ def omni_tokens(processor) -> OmniTokens:
 
 def rope_params(processor, model_name_or_path: Optional[str] = None) -> RopeParams:
     """Time constants from the HF config (thinker_config) when present, else the processor's."""
-    pps = float(processor.position_id_per_seconds)
-    spc = float(processor.seconds_per_chunk)
+    # processor attributes in transformers >= 5.2x; before, defaults of its video kwargs (the same 25 and 2.0)
+    pps = float(getattr(processor, "position_id_per_seconds", None) or 25)
+    spc = float(getattr(processor, "seconds_per_chunk", None) or 2.0)
     cfg_path = Path(model_name_or_path or "") / "config.json"
     if model_name_or_path and cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())

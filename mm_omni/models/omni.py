@@ -41,6 +41,7 @@ class OmniModel(MegatronModule):
         vp_stage: Optional[int] = None,
         dummy_encoder_forward: bool = True,
         text_config_overrides: Optional[dict] = None,
+        encoder_parallel=None,
     ):
         get_platform()
         text_decoder = TextDecoder(cfg.text_decoder, pre_process=pre_process, post_process=post_process,
@@ -50,6 +51,11 @@ class OmniModel(MegatronModule):
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         self.dummy_encoder_forward = dummy_encoder_forward
+        # how the encoders spread over ranks (mm_omni.parallel.hetero.HeteroEncoders: pg_collection(kind),
+        # encode(kind, encoder, *inputs, dummy)); None = they follow the decoder's TP group
+        self.encoder_parallel = encoder_parallel
+        enc_pgs = {k: encoder_parallel.pg_collection(k) if encoder_parallel is not None else None
+                   for k in ("vision", "audio")}
         self.image_encoder = self.audio_encoder = None
         # the encoders run where the decoder's input is made (the first pipeline stage)
         if pre_process and cfg.image_encoder is not None:
@@ -59,7 +65,8 @@ class OmniModel(MegatronModule):
             if block.vision_encoder.llm_hidden_size != cfg.text_decoder.hidden_size:
                 raise ValueError(f"image_encoder.vision_encoder.llm_hidden_size={block.vision_encoder.llm_hidden_size} "
                                  f"must equal text_decoder.hidden_size={cfg.text_decoder.hidden_size}")
-            self.image_encoder = VisionEncoder(block.vision_encoder, block.vision_projector, pg_collection=pg_collection)
+            self.image_encoder = VisionEncoder(block.vision_encoder, block.vision_projector,
+                                               pg_collection=enc_pgs["vision"] or pg_collection)
             _freeze(self.image_encoder.encoder, block.vision_encoder.freeze)
             _freeze(self.image_encoder.projector, block.vision_projector.freeze)
         if pre_process and cfg.audio_encoder is not None:
@@ -69,13 +76,21 @@ class OmniModel(MegatronModule):
             if audio_cfg.output_dim != cfg.text_decoder.hidden_size:
                 raise ValueError(f"audio_encoder.audio_encoder.output_dim={audio_cfg.output_dim} must equal "
                                  f"text_decoder.hidden_size={cfg.text_decoder.hidden_size}")
-            self.audio_encoder = AudioEncoder(audio_cfg, pg_collection=pg_collection)
+            self.audio_encoder = AudioEncoder(audio_cfg, pg_collection=enc_pgs["audio"] or pg_collection)
             _freeze(self.audio_encoder, audio_cfg.freeze)
         self.text_decoder = text_decoder
         _freeze(self.text_decoder, cfg.text_decoder.freeze)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.text_decoder.set_input_tensor(input_tensor)
+
+    # megatron's finalize_model_grads asks the outermost module about tied embeddings (PP > 1)
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.text_decoder.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.text_decoder.shared_embedding_or_output_weight()
 
     def forward(
         self,
@@ -146,7 +161,7 @@ class OmniModel(MegatronModule):
                     raise ValueError(f"{name} pixels given without {name}_grid_thw")
                 pixels.append(px)
                 grids.append(grid)
-        out = encoder(torch.cat(pixels).to(_dtype(encoder)), torch.cat(grids))
+        out = self._run_encoder("vision", encoder, torch.cat(pixels).to(_dtype(encoder)), torch.cat(grids))
         merge = self.cfg.image_encoder.vision_encoder.spatial_merge_size**2
         n_image = int(image_grid_thw.prod(-1).sum()) // merge if pixel_values is not None else 0
         images = out[:n_image] if pixel_values is not None else None
@@ -164,7 +179,13 @@ class OmniModel(MegatronModule):
             lens = torch.full((input_features.shape[0],), input_features.shape[-1], dtype=torch.long)
         else:
             lens = feature_attention_mask.sum(-1)
-        return encoder(input_features.to(_dtype(encoder)), lens), None
+        return self._run_encoder("audio", encoder, input_features.to(_dtype(encoder)), lens), None
+
+    def _run_encoder(self, kind: str, encoder, *inputs) -> torch.Tensor:
+        if self.encoder_parallel is None:
+            return encoder(*inputs)
+        dummy = getattr(self, f"_dummy_{kind}") if self._needs_dummy(encoder) else None
+        return self.encoder_parallel.encode(kind, encoder, *inputs, dummy=dummy)
 
     def _needs_dummy(self, encoder: torch.nn.Module) -> bool:
         return self.dummy_encoder_forward and self.training and any(p.requires_grad for p in encoder.parameters())

@@ -250,6 +250,14 @@ def _load_model(chunks, state: dict, path: Path) -> None:
         # megatron modules add '_extra_state' entries that converters may leave out: only those may differ
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+        if missing and all(".lora_" in k for k in missing) and not any(".lora_" in k for k in state[key]):
+            logger.info("%s [%s]: a base checkpoint (no LoRA weights): %d LoRA tensors start from their "
+                        "initialisation", path, key, len(missing))
+            missing = []
+        if unexpected and all(".lora_" in k for k in unexpected):
+            raise KeyError(f"{path} [{key}] holds LoRA weights ({unexpected[:2]}...) but this model has no "
+                           "adapters there: give the same --lora-target-modules / --lora-r as the run that saved "
+                           "it, or merge them first (mm-convert ... mm_to_hf / resplit merge LoRA)")
         if missing or unexpected:
             raise KeyError(f"{path} [{key}] does not match the model: missing {missing[:8]} "
                            f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})")

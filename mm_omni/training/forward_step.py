@@ -13,6 +13,13 @@ So the three modes are:
   mean over samples of the micro-batch, averaged like the default.
 
 The reported ``lm loss`` is the quantity that is optimised, in each mode.
+
+Context parallelism: each CP rank holds part of every sequence (its ``per_token_loss`` covers its
+tokens only) and DDP averages gradients over DP x CP. The token counts that divide a loss (of the
+micro-batch, of each sample) are summed over the CP group, and the two averaged modes multiply the
+back-propagated value by the CP size, so the sum over CP ranks is the full sequence's loss (what
+megatron's ``pretrain_gpt`` does for its loss). ``per_token`` needs neither: megatron already sums
+its token counts over DP x CP.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 
 from mm_omni.training.task import TrainTask
 
@@ -48,19 +56,33 @@ def describe_loss_mode(mode: str) -> str:
 def loss_func(mode: str, output) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(value to back-propagate before megatron's division, divisor, {"lm loss": [sum, count]})."""
     per_token, mask = output.per_token_loss.float(), output.loss_mask.float()
+    cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
     if mode == "per_sample":
-        tokens = mask.sum(-1)
+        tokens = _sum_over_cp(mask.sum(-1), cp)
         has = tokens > 0
         loss = (per_token.sum(-1) / tokens.clamp(min=1))[has].sum()
         count = has.sum()
     else:
         loss, count = per_token.sum(), mask.sum()
+        if mode == "micro_batch_mean":
+            count = _sum_over_cp(count, cp)
+    if cp > 1 and mode != "per_token":
+        loss = loss * cp
     count = count.to(torch.int)
     if mode == "per_token":
         report = torch.stack([loss.detach(), count.float()])
     else:  # each micro-batch weighs the same: report its mean with weight 1
         report = torch.stack([loss.detach() / count.clamp(min=1), torch.ones_like(loss)])
     return loss, count, {"lm loss": report}
+
+
+def _sum_over_cp(t: torch.Tensor, cp: int) -> torch.Tensor:
+    """``t`` summed over the context-parallel group (a count: no gradient)."""
+    if cp == 1:
+        return t
+    t = t.detach().clone()
+    torch.distributed.all_reduce(t, group=parallel_state.get_context_parallel_group())
+    return t
 
 
 class ForwardStep:

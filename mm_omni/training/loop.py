@@ -40,9 +40,11 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
     mode = loss_mode(args)
     if torch.distributed.get_rank() == 0:
         logger.info("%s", describe_loss_mode(mode))
-        logger.info("parallel: TP %d, PP %d%s, DP %d; global batch %d = micro-batch %d x %d micro-batches x DP",
-                    args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                    f" (VPP {args.vpp_size})" if args.vpp_size else "", args.data_parallel_size,
+        logger.info("parallel: TP %d%s, PP %d%s, CP %d, DP %d; global batch %d = micro-batch %d x %d micro-batches "
+                    "x DP",
+                    args.tensor_model_parallel_size, " (+ sequence parallel)" if args.sequence_parallel else "",
+                    args.pipeline_model_parallel_size, f" (VPP {args.vpp_size})" if args.vpp_size else "",
+                    args.context_parallel_size, args.data_parallel_size,
                     args.global_batch_size, args.micro_batch_size, args.num_microbatches)
     chunks = build_model(args, task)
     optimizer = build_optimizer(args, chunks)
@@ -51,7 +53,7 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
     if args.load:
         result.iteration, result.consumed_samples = checkpointing.load_checkpoint(
             args.load, chunks, optimizer, scheduler, args)
-    _set_schedule_hooks(args, chunks, optimizer)
+    _set_schedule_hooks(args, chunks, optimizer, task.after_grad_sync)
     if task.valid_data_iterator is None and "--eval-interval" in args.given and torch.distributed.get_rank() == 0:
         logger.info("--eval-interval/--eval-iters accepted: %s has no validation data, no evaluation runs", task.name)
     tb = TensorBoard(args.tensorboard_dir, enabled=_is_logging_rank())
@@ -99,11 +101,17 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
     return result
 
 
-def _set_schedule_hooks(args, chunks, optimizer) -> None:
+def _set_schedule_hooks(args, chunks, optimizer, after_grad_sync=None) -> None:
     """What megatron's schedules call: loss scaling, grad sync hooks, the final grad reduction."""
     config = unwrap(chunks[0]).config
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
+    if after_grad_sync is not None:
+        def finalize_then(model, *a, **kw):
+            finalize_model_grads(model, *a, **kw)
+            after_grad_sync(model)
+
+        config.finalize_model_grads_func = finalize_then
     config.timers = None
     if args.overlap_grad_reduce:
         syncs = [c.no_sync for c in chunks]
@@ -128,8 +136,9 @@ def _reduce_losses(losses: list) -> dict:
 
 
 def _global_tokens(local: int) -> int:
-    t = torch.tensor([local], dtype=torch.long)
-    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    t = torch.tensor([local], dtype=torch.long, device=platform.get_platform().device)  # NCCL needs it on the GPU
+    # the DP group without CP: the CP ranks of a DP rank share (split) the same micro-batches
+    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
     return int(t.item())
 
 

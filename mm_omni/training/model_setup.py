@@ -38,6 +38,10 @@ def build_model(args: argparse.Namespace, task: TrainTask) -> list[DistributedDa
         chunk = task.model_provider(pre, post, vp_stage)
         chunk.model_type = ModelType.encoder_or_decoder
         chunks.append(chunk)
+    if getattr(args, "lora_target_modules", None):
+        from mm_omni.lora.inject import add_lora_from_args
+
+        add_lora_from_args(chunks, args)  # adapters on the targets; only they train
     dtype = params_dtype(args)
     for chunk in chunks:
         for p in chunk.parameters():
@@ -48,7 +52,12 @@ def build_model(args: argparse.Namespace, task: TrainTask) -> list[DistributedDa
             logger.info("casting model parameters %s -> %s (--bf16/--fp16 decide the training precision)",
                         sorted(str(d) for d in found), dtype)
             chunk.to(dtype)
+        chunk.to(platform.get_platform().device)  # built on the host (use_cpu_initialization); a no-op on the CPU
         _configure(chunk.config, args, dtype, variable_lengths=task.seq_length is None)
+        if getattr(args, "encoder_cuda_graphs", False):
+            from mm_omni.models.common.cuda_graphs import enable_encoder_cuda_graphs
+
+            logger.info("encoder CUDA graphs on for %d encoder(s) of this stage", enable_encoder_cuda_graphs(chunk))
     _log_params(chunks)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=dtype != torch.float32 or args.accumulate_allreduce_grads_in_fp32,

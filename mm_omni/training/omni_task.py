@@ -4,7 +4,9 @@ Parallelism: TP and DP for every module; PP for the text decoder, with the encod
 stage (where the decoder's input is made). ``text_decoder.pipeline_num_layers`` maps onto
 megatron-core's layout: equal counts, or a different first and/or last stage with equal middle
 stages (``[1, 10, 10, 7]``); a nested list (VPP) must be uniform. Anything else is rejected before a
-model is built, naming the key.
+model is built, naming the key. With ``--hetero-parallel`` the sizes come from model.json's tp/pp
+keys and tp=1 encoders split each micro-batch's media over the decoder's TP group
+(:mod:`mm_omni.parallel.hetero`).
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import argparse
 import logging
 from typing import Optional
 
+import torch
 from megatron.core import parallel_state
 
 from mm_omni.config.arguments import ArgumentsError
 from mm_omni.config.model import OmniModelConfig
+from mm_omni.platform import get_platform
 from mm_omni.training.model_setup import params_dtype
 from mm_omni.training.task import TrainTask
 
 logger = logging.getLogger(__name__)
+_HOST_KEYS = ("image_grid_thw", "video_grid_thw", "feature_attention_mask")
 
 # what OmniModel.forward takes from a collated batch
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_grid_thw",
@@ -76,17 +81,21 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
     overrides = dict(pipeline_overrides(model_cfg, args.pipeline_model_parallel_size, args.vpp_size),
                      tensor_model_parallel_size=args.tensor_model_parallel_size,
                      sequence_parallel=args.sequence_parallel, pipeline_dtype=params_dtype(args),
-                     calculate_per_token_loss=args.calculate_per_token_loss)
+                     calculate_per_token_loss=args.calculate_per_token_loss,
+                     context_parallel_size=args.context_parallel_size)
     dataset: list = []
+    # CP splits every sequence into 2 x CP chunks, sequence parallel the (CP-local) row over TP
+    multiple = (2 * args.context_parallel_size if args.context_parallel_size > 1 else 1) * (
+        args.tensor_model_parallel_size if args.sequence_parallel else 1)
+    from mm_omni.parallel.hetero import hetero_encoders
+
+    hetero = hetero_encoders(args, model_cfg)  # None without --hetero-parallel
 
     def provider(pre_process, post_process, vp_stage):
         model = OmniModel(model_cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
-                          text_config_overrides=overrides)
-        # megatron's finalize_model_grads asks the outermost module about tied embeddings (PP > 1);
-        # they live in the text decoder. TODO(models): expose these on OmniModel itself.
-        if not hasattr(model, "share_embeddings_and_output_weights"):
-            model.share_embeddings_and_output_weights = model.text_decoder.share_embeddings_and_output_weights
-            model.shared_embedding_or_output_weight = model.text_decoder.shared_embedding_or_output_weight
+                          text_config_overrides=overrides, encoder_parallel=hetero)
+        if hetero is not None:
+            hetero.prepare(model)
         return model
 
     def data_iterator(consumed: int):
@@ -99,7 +108,16 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
         return iter(loader)
 
     def forward(model, batch):
-        return model(**{k: v for k, v in batch.items() if k in MODEL_KEYS})
+        if multiple > 1:
+            from mm_omni.parallel.context_parallel import pad_for_context_parallel
+
+            batch = pad_for_context_parallel(batch, multiple)
+        # tensors to the accelerator (a no-op on the CPU); grid_thw and the audio mask stay on the host,
+        # where the encoders' index bookkeeping runs without a device sync
+        device = get_platform().device
+        return model(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in _HOST_KEYS
+                        else v for k, v in batch.items() if k in MODEL_KEYS})
 
     return TrainTask(name="qwen2_5_omni", model_provider=provider, forward=forward, data_iterator=data_iterator,
-                     seq_length=None, model_config=model_cfg)
+                     seq_length=None, model_config=model_cfg,
+                     after_grad_sync=hetero.reduce_grads if hetero is not None else None)

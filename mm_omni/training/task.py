@@ -41,3 +41,5 @@ class TrainTask:
     vpp_size: Optional[int] = None
     # consumed samples -> validation micro-batches (None: --eval-interval / --eval-iters do nothing)
     valid_data_iterator: Optional[Callable[[int], Iterator[dict]]] = None
+    # model chunks -> None, run after megatron's finalize_model_grads (e.g. hetero encoders' grad sum)
+    after_grad_sync: Optional[Callable[[list], None]] = None

@@ -62,10 +62,11 @@ def test_unknown_flag_is_an_error_naming_it():
     (["--global-batch-size", "6"], 4, r"--global-batch-size=6.*1x4"),
     (["--bf16", "--fp16"], 1, r"--bf16 --fp16"),
     (["--calculate-per-token-loss", "--calculate-per-sample-loss"], 1, "pick one loss mode"),
-    (["--context-parallel-size", "2"], 2, "--context-parallel-size=2"),
+    (["--context-parallel-size", "2"], 3, r"--context-parallel-size=1x1x2: the world size 3"),
     (["--ckpt-format", "torch_dist"], 1, "--ckpt-format=torch_dist"),
     (["--min-lr", "1"], 1, "--min-lr=1.0"),
     (["--hetero-parallel", "--tensor-model-parallel-size", "2"], 2, "--hetero-parallel"),
+    (["--encoder-cuda-graphs"], 1, r"--encoder-cuda-graphs=True: CUDA graphs need a CUDA GPU and this run is on cpu"),
 ])
 def test_bad_combinations_fail_before_any_model(flags, world, match):
     with pytest.raises(ArgumentsError, match=match):

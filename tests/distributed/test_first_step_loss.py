@@ -1,0 +1,147 @@
+"""Issue 5's 'done when': with ``--lr 0`` the loss logged at iteration 1 on a converted checkpoint equals
+transformers' loss on the same rows.
+
+A random tiny fp32 ``Qwen2_5OmniThinkerForConditionalGeneration`` is saved in Hugging Face format, converted
+with ``mm-convert hf_to_mm`` to three layouts (TP1/PP1, TP2, PP2 with text layers [1, 2]) and trained for one
+step under ``torchrun`` (2 gloo processes, all runs in one launch) from ``--load``. Rows: text only, image,
+audio, image + audio. transformers' thinker (loaded from the same HF directory) then runs on exactly the
+micro-batches each data-parallel rank consumed (recorded by the worker), and its loss is reduced the way the
+run's loss mode says: the mean over label tokens per micro-batch averaged over micro-batches and DP ranks
+(default), or all token losses over all label tokens (``--calculate-per-token-loss``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_thinker_config
+from tests.distributed.torchrun import run_torchrun
+from tests.helpers import randomize_
+
+WORKER = Path(__file__).with_name("first_step_worker.py")
+RTOL = 1e-5
+pytestmark = pytest.mark.distributed
+
+ROWS = [
+    {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]},
+    {"messages": [{"role": "user", "content": "<image>What is in this image?"},
+                  {"role": "assistant", "content": "A cat is playing with a ball."}], "images": ["a.png"]},
+    {"messages": [{"role": "user", "content": "<audio>What did the speaker say?"},
+                  {"role": "assistant", "content": "The speaker said hello."}], "audios": ["a.wav"]},
+    {"messages": [{"role": "user", "content": "<image><audio>Describe the image and the audio."},
+                  {"role": "assistant", "content": "A dog and a hello."}], "images": ["b.png"], "audios": ["a.wav"]},
+]
+# name -> (converter layout, launcher flags)
+LAYOUTS = {
+    "tp1": (dict(llm_pp_layers=[[3]], vit_pp_layers=[[4]], audio_pp_layers=[[3]], tp_size=1), []),
+    "tp2": (dict(llm_pp_layers=[[3]], vit_pp_layers=[[4]], audio_pp_layers=[[3]], tp_size=2),
+            ["--tensor-model-parallel-size", "2"]),
+    "pp2": (dict(llm_pp_layers=[[1, 2]], vit_pp_layers=[[4, 0]], audio_pp_layers=[[3, 0]], tp_size=1),
+            ["--pipeline-model-parallel-size", "2"]),
+}
+# run name -> (layout, extra flags, loss mode)
+RUNS = {
+    "tp1": ("tp1", [], "micro_batch_mean"),
+    "tp2": ("tp2", [], "micro_batch_mean"),
+    "pp2": ("pp2", [], "micro_batch_mean"),
+    "tp2_per_token": ("tp2", ["--calculate-per-token-loss"], "per_token"),
+}
+
+
+def _hf_checkpoint(path: Path) -> Path:
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config()).float()
+    randomize_(model, 1, scale=0.1)  # away from a near-uniform output, so the loss depends on every input
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_step(tmp_path_factory):
+    from converters.config import HfToMmConfig
+    from converters.qwen2_5_omni.converter import Qwen2_5_OmniConverter
+    from mm_omni.data.testing import build_tiny_processor, tiny_data_config, write_dataset, write_image, write_wav
+
+    d = tmp_path_factory.mktemp("first_step")
+    media = d / "media"
+    media.mkdir()
+    write_image(media / "a.png", 56, 56, seed=0)
+    write_image(media / "b.png", 84, 56, seed=1)
+    write_wav(media / "a.wav", seconds=1.0)
+    build_tiny_processor(d / "processor")
+    (d / "data.json").write_text(json.dumps(tiny_data_config(d / "processor", media,
+                                                             write_dataset(d / "rows.json", ROWS))))
+    hf_dir = _hf_checkpoint(d / "hf")
+    for name, (pc, _) in LAYOUTS.items():
+        Qwen2_5_OmniConverter.hf_to_mm(HfToMmConfig(mm_dir=d / name, hf_config={"hf_dir": hf_dir},
+                                                    parallel_config=pc))
+    common = ["--mm-data", str(d / "data.json"), "--seq-length", "512", "--train-iters", "1", "--lr", "0",
+              "--micro-batch-size", "2", "--global-batch-size", "4", "--log-interval", "1", "--num-workers", "0",
+              "--no-load-optim", "--no-load-rng"]
+    args = []
+    for run, (layout, extra, _) in RUNS.items():
+        mm = d / layout
+        args += ["--next"] * bool(args) + [run, "--mm-model", str(mm / "model.json"), "--load", str(mm),
+                                           *common, *LAYOUTS[layout][1], *extra]
+    out = d / "out"
+    out.mkdir()
+    stdout = run_torchrun(WORKER, 2, str(out), *args)
+    records = {run: [torch.load(out / f"{run}.rank{r}.pt", weights_only=False) for r in range(2)] for run in RUNS}
+    for run, recs in records.items():
+        for r in recs:
+            assert "error" not in r, f"{run}: {r.get('error')}"
+    return hf_dir, records, stdout
+
+
+def _hf_losses(model, batch, blank_media: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' thinker on a collated micro-batch: (sum of label-token losses, number of label tokens).
+    ``blank_media`` zeroes pixels and audio features (a check that the comparison sees the encoders)."""
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "input_features", "feature_attention_mask")
+    inputs = {k: batch[k] for k in keys if k in batch}
+    if blank_media:
+        inputs.update({k: torch.zeros_like(inputs[k]) for k in ("pixel_values", "input_features") if k in inputs})
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+    labels = batch["labels"][:, 1:]
+    valid = labels != -100
+    tok = torch.nn.functional.cross_entropy(logits[:, :-1][valid], labels[valid], reduction="sum")
+    return tok.double(), valid.sum().double()
+
+
+def _reference(model, recs: list, mode: str, blank_media: bool = False) -> float:
+    """transformers' loss reduced like the run: per (DP rank, micro-batch) means averaged, or per token."""
+    batches = [b for r in recs if r["tp"] == 0 and r["pp"] == 0 for b in r["batches"]]
+    assert len(batches) == 2, f"expected 2 micro-batches of 2 rows (global batch 4), got {len(batches)}"
+    sums = [_hf_losses(model, b, blank_media) for b in batches]
+    if mode == "per_token":
+        return float(sum(s for s, _ in sums) / sum(n for _, n in sums))
+    return float(sum(s / n for s, n in sums) / len(sums))
+
+
+def test_lr0_first_step_loss_equals_transformers(first_step):
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    hf_dir, records, stdout = first_step
+    assert " iteration        1/       1 |" in stdout and "lm loss:" in stdout
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    seen_rows = set()
+    for run, (_, _, mode) in RUNS.items():
+        recs = records[run]
+        got = [r["losses"][1] for r in recs if 1 in r["losses"]]
+        assert got, f"{run}: no rank reported the loss of iteration 1"
+        ref = _reference(model, recs, mode)
+        rel = abs(got[-1] - ref) / abs(ref)
+        print(f"{run}: iteration-1 loss {got[-1]:.8f}, transformers {ref:.8f}, rel {rel:.2e}")
+        assert rel < RTOL, f"{run}: logged {got[-1]} vs transformers {ref} (rel {rel:.2e})"
+        blind = _reference(model, recs, mode, blank_media=True)
+        assert abs(blind - ref) / abs(ref) > 100 * RTOL, f"{run}: the loss hardly depends on the media ({blind})"
+        for r in recs:
+            for b in r["batches"]:
+                seen_rows.update(tuple(row[m.bool()].tolist()) for row, m in zip(b["input_ids"], b["attention_mask"]))
+    assert len(seen_rows) == len(ROWS), "every row (text, image, audio, image + audio) went through a run"
