@@ -62,8 +62,11 @@ class EncoderDataParallel:
     patch block (``spatial_merge_size ** 2``).
     """
 
-    def __init__(self, group, width: int, merge: int, cp_group=None):
+    def __init__(self, group, width: int, merge: int, cp_group=None, balance: str = "cost"):
+        if balance not in ("cost", "count"):
+            raise ValueError(f"balance={balance!r}: expected 'cost' or 'count'")
         self.group, self.width, self.merge, self.cp_group = group, width, merge, cp_group
+        self.balance = balance
         self.size, self.rank = group.size(), group.rank()
         self.stats: dict[str, list] = {}  # kind -> [calls, sum of imbalance, worst]
 
@@ -106,7 +109,10 @@ class EncoderDataParallel:
 
     # -- internals ---------------------------------------------------------------------------
     def _assign(self, kind: str, costs: list[int]) -> list[int]:
-        owners = lpt_assign(costs, self.size)
+        if self.balance == "cost":
+            owners = lpt_assign(costs, self.size)
+        else:  # equal item counts, in order (what a split by rows does): the baseline of bench/hetero.py
+            owners = [i * self.size // len(costs) for i in range(len(costs))]
         ratio = imbalance(costs, owners, self.size)
         calls, total, worst = self.stats.get(kind, [0, 0.0, 1.0])
         self.stats[kind] = [calls + 1, total + ratio, max(worst, ratio)]

@@ -115,7 +115,7 @@ class HeteroEncoders:
     Build it after megatron's groups exist (every rank, same order: it creates process groups).
     """
 
-    def __init__(self, model_cfg):
+    def __init__(self, model_cfg, balance: str = "cost"):
         from megatron.core import parallel_state
         from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -139,7 +139,8 @@ class HeteroEncoders:
         vision = model_cfg.image_encoder.vision_encoder if model_cfg.image_encoder is not None else None
         merge = vision.spatial_merge_size ** 2 if vision is not None else 1
         self.dispatch = EncoderDataParallel(self.split_group, model_cfg.text_decoder.hidden_size, merge,
-                                            cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)
+                                            cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None,
+                                            balance=balance)
         if dist.get_rank() == 0:
             logger.info("hetero parallel: decoder TP %d CP %d; encoders split over each TP x CP group (pure DP): "
                         "%s; following the decoder's TP: %s", tp, cp, sorted(self.split) or "none",
@@ -191,4 +192,6 @@ class HeteroEncoders:
 
 
 def hetero_encoders(args: argparse.Namespace, model_cfg) -> Optional[HeteroEncoders]:
-    return HeteroEncoders(model_cfg) if getattr(args, "hetero_parallel", False) else None
+    if not getattr(args, "hetero_parallel", False):
+        return None
+    return HeteroEncoders(model_cfg, balance=getattr(args, "hetero_encoder_balance", "cost"))
