@@ -6,13 +6,15 @@ copies them through ``converters.qwen2_5_omni.keymap`` into our ``OmniModel`` an
 fwd+bwd on the same inputs for both:
 
 * reference row: a 448x448 image (256 merged tokens), 10 s of audio (250 tokens), 2048 text tokens;
-* encoder-heavy row: a 16-frame 448x448 video (2048 tokens), 30 s of audio (750 tokens), 512 text.
+* encoder-heavy row: a 16-frame 448x448 video (2048 tokens), 30 s of audio (750 tokens), 512 text;
+* mixed batch: six rows of different lengths and media (:data:`MIXED`), padded (attention mask) for
+  transformers and ours, and packed into one row with ``cu_seqlens`` for ours: tokens/s of each.
 
 Prints ms/step, tokens/s, TFLOP/s, MFU (against a bf16 8192^3 matmul measured in the same run),
 peak GiB, the ratio, a per-module breakdown (each module's fwd+bwd timed on its own: vision
 encoder, audio encoder, decoder incl. output layer and loss) and both losses.
 
-    python bench/omni_step.py [--iters 10] [--rows ref,heavy] [--variants base,fused,graphs]
+    python bench/omni_step.py [--iters 10] [--rows ref,heavy,mixed] [--variants base,fused,graphs]
 """
 
 from __future__ import annotations
@@ -63,70 +65,146 @@ def thinker_config():
 # ------------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------------
-def make_row(kind: str, mm_cfg, dev, dtype, seed: int = 0) -> dict:
-    """One row of DESIGN §8 with its media, labels and 3D positions (ours, equal to transformers')."""
+def row_parts(grid, video: bool, seconds: float, n_text: int, mm_cfg, gen) -> dict:
+    """Token ids, 3D positions (ours, equal to transformers'), media of one row: ``n_text`` text tokens
+    around an optional image/video of ``grid`` (t, h, w patches) and an optional ``seconds`` of audio."""
     from mm_omni.models.rope_index import audio_token_count, get_rope_index
 
+    mel = int(seconds * 100)
+    body = torch.randint(0, 150000, (n_text - 2 * (grid is not None) - 2 * (mel > 0),), generator=gen).tolist()
+    half = len(body) // 2
+    ids = body[:half]
+    if grid is not None:
+        n_vis = grid[0] * grid[1] * grid[2] // VISION["merge"] ** 2
+        vis_tok = IDS["video_token_index"] if video else IDS["image_token_index"]
+        ids += [IDS["vision_start_token_id"]] + [vis_tok] * n_vis + [IDS["vision_end_token_id"]]
+    if mel:
+        ids += [IDS["audio_start_token_id"]] + [IDS["audio_token_index"]] * audio_token_count(mel) + [IDS["audio_end_token_id"]]
+    ids += body[half:]
+    grid_t = torch.tensor([grid]) if grid is not None else None
+    pos = get_rope_index(
+        ids, image_token_id=IDS["image_token_index"], video_token_id=IDS["video_token_index"],
+        audio_token_id=IDS["audio_token_index"], image_grid_thw=None if video else grid_t,
+        video_grid_thw=grid_t if video else None, video_second_per_grid=[1.0] if video else None,
+        audio_seqlens=[mel] if mel else None, spatial_merge_size=VISION["merge"],
+        position_id_per_seconds=mm_cfg.position_id_per_seconds, seconds_per_chunk=mm_cfg.seconds_per_chunk,
+    )
+    width = 3 * VISION["temporal"] * VISION["patch"] ** 2
+    pixels = torch.randn(grid[0] * grid[1] * grid[2], width, generator=gen) if grid is not None else None
+    feats = torch.randn(AUDIO["mel"], mel, generator=gen) if mel else None
+    return dict(ids=ids, pos=pos, grid=grid_t, pixels=pixels, feats=feats, mel=mel, video=video)
+
+
+def make_row(kind: str, mm_cfg, dev, dtype, seed: int = 0) -> dict:
+    """One row of DESIGN §8 with its media, labels and 3D positions."""
     gen = torch.Generator().manual_seed(seed)
     side = 448 // VISION["patch"]  # 32 patches a side
     if kind == "ref":
         grid, video, seconds, n_text = [1, side, side], False, 10, 2048
     else:
         grid, video, seconds, n_text = [16 // VISION["temporal"], side, side], True, 30, 512
-    mel = seconds * 100
-    n_vis = grid[0] * grid[1] * grid[2] // VISION["merge"] ** 2
-    n_aud = audio_token_count(mel)
-    vis_tok = IDS["video_token_index"] if video else IDS["image_token_index"]
-    body = torch.randint(0, 150000, (n_text - 4,), generator=gen).tolist()
-    half = len(body) // 2
-    ids = (body[:half] + [IDS["vision_start_token_id"]] + [vis_tok] * n_vis + [IDS["vision_end_token_id"]]
-           + [IDS["audio_start_token_id"]] + [IDS["audio_token_index"]] * n_aud + [IDS["audio_end_token_id"]]
-           + body[half:])
-    grid_t = torch.tensor([grid])
-    pos = get_rope_index(
-        ids, image_token_id=IDS["image_token_index"], video_token_id=IDS["video_token_index"],
-        audio_token_id=IDS["audio_token_index"], image_grid_thw=None if video else grid_t,
-        video_grid_thw=grid_t if video else None, video_second_per_grid=[1.0] if video else None,
-        audio_seqlens=[mel], spatial_merge_size=VISION["merge"],
-        position_id_per_seconds=mm_cfg.position_id_per_seconds, seconds_per_chunk=mm_cfg.seconds_per_chunk,
-    )
+    part = row_parts(grid, video, seconds, n_text, mm_cfg, gen)
+    ids, mel = part["ids"], part["mel"]
     input_ids = torch.tensor([ids])
     labels = torch.where(input_ids < 150000, input_ids, torch.full_like(input_ids, -100))
-    width = 3 * VISION["temporal"] * VISION["patch"] ** 2
-    pixels = torch.randn(grid[0] * grid[1] * grid[2], width, generator=gen)
-    feats = torch.randn(1, AUDIO["mel"], mel, generator=gen)
-    row = dict(input_ids=input_ids.to(dev), labels=labels.to(dev), position_ids=pos[:, None].to(dev),
-               input_features=feats.to(dev, dtype), feature_attention_mask=torch.ones(1, mel, dtype=torch.long, device=dev))
+    row = dict(input_ids=input_ids.to(dev), labels=labels.to(dev), position_ids=part["pos"][:, None].to(dev),
+               input_features=part["feats"][None].to(dev, dtype),
+               feature_attention_mask=torch.ones(1, mel, dtype=torch.long, device=dev))
     if video:
-        row.update(pixel_values_videos=pixels.to(dev, dtype), video_grid_thw=grid_t)
+        row.update(pixel_values_videos=part["pixels"].to(dev, dtype), video_grid_thw=part["grid"])
     else:
-        row.update(pixel_values=pixels.to(dev, dtype), image_grid_thw=grid_t)
+        row.update(pixel_values=part["pixels"].to(dev, dtype), image_grid_thw=part["grid"])
+    n_vis = part["grid"].prod().item() // VISION["merge"] ** 2
     row["tokens"] = len(ids)
-    row["flops"] = step_flops(len(ids), grid, mel)
+    row["flops"] = step_flops(mm_cfg, len(ids), grid, mel)
     row["desc"] = (f"{'16-frame video' if video else 'image'} 448x448 ({n_vis} tok) + {seconds} s audio "
-                   f"({n_aud} tok) + {n_text} text = {len(ids)} tokens")
+                   f"({(ids.count(IDS['audio_token_index']))} tok) + {n_text} text = {len(ids)} tokens")
     return row
 
 
-def step_flops(seq: int, grid, mel: int) -> dict:
-    """Matmul FLOPs of one fwd+bwd (3x forward) per module: linears + attention scores/values."""
-    h, f, g = TEXT["hidden"], TEXT["ffn"], TEXT["hidden"] // TEXT["heads"] * TEXT["groups"]
-    text_lin = h * (h + 2 * g) + h * h + 3 * h * f
-    text = TEXT["layers"] * (2 * seq * text_lin + 2 * seq * seq * h) + 2 * seq * h * TEXT["vocab"]
-    vh, vf = VISION["hidden"], VISION["ffn"]
-    t, hh, ww = grid
-    patches = t * hh * ww
-    win = (VISION["window"] // VISION["patch"]) ** 2  # patches per window (448 is a multiple of 112)
-    vis_lin = 4 * vh * vh + 3 * vh * vf
-    vis_attn = 4 * vh * (patches * win * (VISION["layers"] - 1) + patches * hh * ww)  # windows + 1 full layer
-    vis = (2 * patches * (3 * VISION["temporal"] * VISION["patch"] ** 2 * vh) + VISION["layers"] * 2 * patches * vis_lin
-           + vis_attn + 2 * (patches // 4) * (4 * vh * 4 * vh + 4 * vh * h))
-    ah, af = AUDIO["hidden"], AUDIO["ffn"]
-    tok = (mel - 1) // 2 + 1
-    chunk = AUDIO["n_window"]  # tokens per 2*n_window-frame chunk
-    aud = (2 * mel * AUDIO["mel"] * ah * 3 + 2 * tok * ah * ah * 3 + AUDIO["layers"] * (
-        2 * tok * (4 * ah * ah + 2 * ah * af) + 4 * ah * tok * chunk) + 2 * (tok // 2) * ah * h)
-    return {"vision": 3 * vis, "audio": 3 * aud, "decoder": 3 * text}
+# (image side in pixels or None, audio seconds, text tokens): mixed sizes, as a real batch has
+MIXED = [(None, 0, 1536), (448, 0, 1024), (None, 10, 768), (224, 5, 2048), (336, 20, 512), (None, 0, 384)]
+
+
+def make_mixed(mm_cfg, dev, dtype, seed: int = 0) -> dict:
+    """:data:`MIXED` as one padded batch ``[b, s_max]`` (attention mask) and as one packed row (cu_seqlens)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [row_parts([1, px // VISION["patch"], px // VISION["patch"]] if px else None, False, sec, n, mm_cfg, gen)
+             for px, sec, n in MIXED]
+    lens = [len(p["ids"]) for p in parts]
+    s_max, pad = max(lens), 151643  # <|endoftext|>
+    ids = torch.full((len(parts), s_max), pad)
+    mask = torch.zeros(len(parts), s_max, dtype=torch.long)
+    pos = torch.zeros(3, len(parts), s_max, dtype=torch.long)
+    for i, p in enumerate(parts):
+        ids[i, : lens[i]] = torch.tensor(p["ids"])
+        mask[i, : lens[i]] = 1
+        pos[:, i, : lens[i]] = p["pos"]
+    labels = torch.where((ids < 150000) & (mask > 0), ids, torch.full_like(ids, -100))
+    with_img = [p for p in parts if p["pixels"] is not None]
+    with_aud = [p for p in parts if p["feats"] is not None]
+    t_max = max(p["mel"] for p in with_aud)
+    feats = torch.zeros(len(with_aud), AUDIO["mel"], t_max)
+    fmask = torch.zeros(len(with_aud), t_max, dtype=torch.long)
+    for i, p in enumerate(with_aud):
+        feats[i, :, : p["mel"]] = p["feats"]
+        fmask[i, : p["mel"]] = 1
+    media = dict(pixel_values=torch.cat([p["pixels"] for p in with_img]).to(dev, dtype),
+                 image_grid_thw=torch.cat([p["grid"] for p in with_img]),
+                 input_features=feats.to(dev, dtype), feature_attention_mask=fmask.to(dev))
+    padded = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev),
+                  position_ids=pos.to(dev), **media)
+    valid = mask.bool()
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    packed = dict(input_ids=ids[valid][None].to(dev), labels=labels[valid][None].to(dev),
+                  position_ids=pos[:, valid][:, None].to(dev), cu_seqlens=cu.to(dev), **media)
+    desc = ", ".join(f"{'%dpx image + ' % px if px else ''}{'%g s audio + ' % sec if sec else ''}{n} text"
+                     for px, sec, n in MIXED)
+    return dict(padded=padded, packed=packed, tokens=sum(lens), padded_tokens=len(parts) * s_max, desc=desc)
+
+
+def measure_mixed(hf, ours, batch: dict, iters: int) -> dict:
+    """ms/step, peak GiB and loss of transformers (padded) and ours (padded, packed) on one mixed batch."""
+    def step_fn(model, kw, is_hf):
+        kw = dict(kw)
+        if not is_hf:  # ours takes the grids and the audio mask on the host, as the collator makes them
+            kw["feature_attention_mask"] = kw["feature_attention_mask"].cpu()
+        else:
+            kw["image_grid_thw"] = kw["image_grid_thw"].to(kw["input_ids"].device)
+
+        def loss():
+            return model(**kw).loss
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss().backward()
+        return loss, step
+
+    out = {}
+    for name, model, kw, is_hf in (("transformers padded", hf, batch["padded"], True),
+                                   ("mm_omni padded", ours, batch["padded"], False),
+                                   ("mm_omni packed", ours, batch["packed"], False)):
+        loss, step = step_fn(model, kw, is_hf)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        res = {"step": timeit(step, iters)}
+        res["peak"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        with torch.no_grad():
+            res["loss"] = float(loss())
+        model.zero_grad(set_to_none=True)
+        out[name] = res
+    return out
+
+
+def step_flops(mm_cfg, seq: int, grid, mel: int) -> dict:
+    """Model FLOPs of one fwd+bwd per module (mm_omni.training.flops: what --log-tps's MFU counts)."""
+    from mm_omni.training.flops import audio_flops, text_flops, vision_flops
+
+    block = mm_cfg.image_encoder
+    return {"vision": vision_flops(block.vision_encoder, block.vision_projector, mm_cfg.text_decoder.hidden_size, [grid]),
+            "audio": audio_flops(mm_cfg.audio_encoder.audio_encoder, [mel]),
+            "decoder": text_flops(mm_cfg.text_decoder, [seq])}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,7 +418,7 @@ def set_variant(ours, name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--rows", default="ref,heavy")
+    parser.add_argument("--rows", default="ref,heavy,mixed", help="any of ref, heavy, mixed (packed vs padded)")
     parser.add_argument("--variants", default="base,fused,graphs", help=f"ours, any of {list(VARIANTS)}")
     parser.add_argument("--profile", default="", help="write a kernel table of one step per model here")
     parser.add_argument("--smoke", action="store_true", help="tiny widths, fp32 on the CPU: checks the script, not speed")
@@ -350,6 +428,7 @@ def main() -> None:
         TEXT.update(hidden=64, ffn=128, heads=4, groups=2, mrope=[2, 3, 3])
         VISION.update(hidden=32, ffn=48, heads=2)
         AUDIO.update(hidden=32, ffn=64, heads=4)
+        MIXED[:] = [(None, 0, 96), (56, 0, 64), (None, 1, 48), (28, 0.5, 80)]
     elif get_platform().name != "cuda":
         raise SystemExit("bench/omni_step.py needs a CUDA GPU (run it through the device tool)")
     import torch.distributed as dist
@@ -374,6 +453,23 @@ def main() -> None:
         print(f"  mm_omni[{name}]: {VARIANTS[name]}")
 
     for kind in args.rows.split(","):
+        if kind == "mixed":
+            set_variant(ours, variants[-1])
+            batch = make_mixed(mm_cfg, dev, dtype)
+            res = measure_mixed(hf, ours, batch, args.iters)
+            set_variant(ours, "base")
+            print(f"\nmixed batch, {len(MIXED)} rows: {batch['desc']}\n  {batch['tokens']} tokens "
+                  f"({batch['padded_tokens']} padded); ours = mm_omni[{variants[-1]}]; tokens/s counts real tokens")
+            print(f"  {'model':20s} {'ms/step':>8s} {'tokens/s':>9s} {'peak GiB':>9s} {'loss':>9s}")
+            for name, r in res.items():
+                print(f"  {name:20s} {r['step']:8.1f} {batch['tokens'] / r['step'] * 1e3:9.0f} {r['peak']:9.1f} "
+                      f"{r['loss']:9.5f}")
+            t, pad, pk = res["transformers padded"], res["mm_omni padded"], res["mm_omni packed"]
+            rel = max(abs(r["loss"] - t["loss"]) / abs(t["loss"]) for r in (pad, pk))
+            print(f"  packed vs padded (ours): {pad['step'] / pk['step']:.2f}x | packed vs transformers padded: "
+                  f"{t['step'] / pk['step']:.2f}x | padded vs transformers padded: {t['step'] / pad['step']:.2f}x"
+                  f" | max loss rel diff {rel:.1e} ({'within' if rel < 1e-2 else 'NOT within'} 1e-2)")
+            continue
         row = make_row(kind, mm_cfg, dev, dtype)
         flops = row["flops"]
         total = sum(flops.values())

@@ -128,6 +128,25 @@ def synchronize() -> None:
         torch.npu.synchronize()  # type: ignore[attr-defined]
 
 
+def device_name() -> str:
+    """The accelerator's marketing name (``NVIDIA H100 80GB HBM3``), or ``cpu``."""
+    platform = get_platform()
+    if platform.name == CUDA:
+        return torch.cuda.get_device_name(current_device_index())
+    if platform.name == NPU:
+        return torch.npu.get_device_name(current_device_index())  # type: ignore[attr-defined]
+    return "cpu"
+
+
+def release_cached_memory() -> None:
+    """Give the caching allocator's unused blocks back to the device (no-op on the CPU)."""
+    platform = get_platform()
+    if platform.name == CUDA:
+        torch.cuda.empty_cache()
+    elif platform.name == NPU:
+        torch.npu.empty_cache()  # type: ignore[attr-defined]
+
+
 def max_memory_allocated_gib() -> float:
     platform = get_platform()
     if platform.name == CUDA:
@@ -147,9 +166,18 @@ def is_capturing_graph() -> bool:
 
 
 def make_graphed_callables(module: torch.nn.Module, sample_args: tuple, **kwargs):
-    """``torch.cuda.make_graphed_callables`` (forward + backward graphs of ``module``)."""
+    """``torch.cuda.make_graphed_callables`` (forward + backward graphs of ``module``).
+
+    Captured in thread-local mode where torch offers it: in training, the DataLoader's pin-memory
+    thread allocates pinned host memory while a capture runs, which the default global mode turns
+    into a failed capture.
+    """
+    import inspect
+
     if not supports_graphs():
         raise RuntimeError(f"CUDA graphs need a CUDA device; this process runs on {get_platform().name}.")
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        kwargs.setdefault("capture_error_mode", "thread_local")
     return torch.cuda.make_graphed_callables(module, sample_args, **kwargs)
 
 

@@ -73,6 +73,8 @@ def build_parser() -> ArgumentParser:
     flag("--use-distributed-optimizer")
     flag("--hetero-parallel")
     add("--hetero-encoder-mbs-scale", type=int, default=1)
+    add("--hetero-encoder-balance", choices=["cost", "count"], default="cost",
+        help="how --hetero-parallel splits media over ranks: by cost (patches / mel frames) or by item count")
     add("--distributed-backend", type=str, default=None)
     add("--distributed-timeout-minutes", type=int, default=10)
     flag("--overlap-grad-reduce")
@@ -128,6 +130,8 @@ def build_parser() -> ArgumentParser:
     # logging and eval
     add("--log-interval", type=int, default=100)
     flag("--log-tps")
+    add("--peak-tflops", type=float, default=None,
+        help="the device's dense bf16/fp16 peak for --log-tps's MFU (default: known NVIDIA GPUs by name)")
     add("--tensorboard-dir", type=str, default=None)
     add("--eval-interval", type=int, default=1000)
     add("--eval-iters", type=int, default=100)

@@ -91,10 +91,13 @@ class ForwardStep:
     def __init__(self, task: TrainTask, mode: str):
         self.task, self.mode = task, mode
         self.tokens = 0
+        self.flops = 0.0
 
     def __call__(self, data_iterator, model):
         batch = next(data_iterator)
         self.tokens += self.task.count_tokens(batch)
+        if self.task.count_flops is not None:
+            self.flops += self.task.count_flops(batch)
         out = self.task.forward(model, batch)
         if not isinstance(out, torch.Tensor) and getattr(out, "per_token_loss", None) is None:
             out = out.hidden_states  # a non-last pipeline stage

@@ -15,7 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mm_omni import platform
 from mm_omni.training import checkpointing
 from mm_omni.training.forward_step import ForwardStep, describe_loss_mode, loss_mode
-from mm_omni.training.metrics import TensorBoard, iteration_line, summary_line
+from mm_omni.training.metrics import TensorBoard, iteration_line, resolve_peak_tflops, summary_line
 from mm_omni.training.model_setup import build_model, unwrap
 from mm_omni.training.optimizer import build_optimizer, build_scheduler
 from mm_omni.training.task import TrainTask
@@ -29,6 +29,8 @@ class TrainResult:
     consumed_samples: int = 0
     losses: dict = field(default_factory=dict)  # iteration -> lm loss (on the last pipeline stage)
     grad_norms: dict = field(default_factory=dict)
+    iteration_ms: dict = field(default_factory=dict)  # iteration -> wall ms (benchmarks)
+    iteration_tokens: dict = field(default_factory=dict)  # iteration -> tokens over all DP ranks
 
 
 def _is_logging_rank() -> bool:
@@ -61,13 +63,15 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
     iters = [task.data_iterator(result.consumed_samples) for _ in chunks]
     forward_backward = get_forward_backward_func()
     seq_length = task.seq_length or args.seq_length or 1
-    start, tokens_at_start, last_log = time.time(), 0, (time.time(), result.iteration, 0)
-    total_tokens = 0
+    peak = resolve_peak_tflops(args) if _is_logging_rank() else None
+    start, tokens_at_start, last_log = time.time(), 0, (time.time(), result.iteration, 0, 0.0)
+    total_tokens, total_flops = 0, 0.0
     while result.iteration < args.train_iters:
+        iteration_start = time.time()
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        step.tokens = 0
+        step.tokens, step.flops = 0, 0.0
         losses = forward_backward(
             forward_step_func=step, data_iterator=iters if len(iters) > 1 else iters[0],
             model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=args.num_microbatches,
@@ -78,12 +82,17 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
         result.iteration += 1
         result.consumed_samples += args.global_batch_size
         reduced = _reduce_losses(losses)
-        total_tokens += _global_tokens(step.tokens)
+        tokens, flops = _global_counts(step.tokens, step.flops)  # a collective read: the step has finished
+        total_tokens += tokens
+        total_flops += flops
+        result.iteration_ms[result.iteration] = (time.time() - iteration_start) * 1e3
+        result.iteration_tokens[result.iteration] = tokens
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             result.losses[result.iteration] = reduced.get("lm loss")
             result.grad_norms[result.iteration] = grad_norm
         if result.iteration % args.log_interval == 0:
-            last_log = _log(args, result, reduced, grad_norm, optimizer, last_log, total_tokens, tb)
+            last_log = _log(args, result, reduced, grad_norm, optimizer, last_log, total_tokens, total_flops,
+                            peak, tb)
         _maybe_evaluate(args, task, chunks, result, forward_backward, mode, seq_length)
         if args.save and args.save_interval and result.iteration % args.save_interval == 0:
             _save(args, result, chunks, optimizer, scheduler)
@@ -97,7 +106,7 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
     platform.synchronize()
     if _is_logging_rank():
         logger.info("%s", summary_line(result.iteration, time.time() - start, total_tokens - tokens_at_start,
-                                       torch.distributed.get_world_size()))
+                                       torch.distributed.get_world_size(), total_flops, peak))
     return result
 
 
@@ -135,28 +144,32 @@ def _reduce_losses(losses: list) -> dict:
     return out
 
 
-def _global_tokens(local: int) -> int:
-    t = torch.tensor([local], dtype=torch.long, device=platform.get_platform().device)  # NCCL needs it on the GPU
+def _global_counts(tokens: int, flops: float) -> tuple[int, float]:
+    """Tokens and model FLOPs of the global batch (float64 holds token counts exactly below 2^53)."""
+    t = torch.tensor([tokens, flops], dtype=torch.float64, device=platform.get_platform().device)  # NCCL: on the GPU
     # the DP group without CP: the CP ranks of a DP rank share (split) the same micro-batches
     torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
-    return int(t.item())
+    return int(t[0].item()), float(t[1].item())
 
 
-def _log(args, result, reduced, grad_norm, optimizer, last_log, total_tokens, tb):
+def _log(args, result, reduced, grad_norm, optimizer, last_log, total_tokens, total_flops, peak, tb):
     now = time.time()
-    t0, it0, tok0 = last_log
+    t0, it0, tok0, flops0 = last_log
     elapsed = (now - t0) / max(result.iteration - it0, 1)
     if _is_logging_rank():
         lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else args.lr
-        tps = (total_tokens - tok0) / max(now - t0, 1e-9) / torch.distributed.get_world_size()
+        world = torch.distributed.get_world_size()
+        tps = (total_tokens - tok0) / max(now - t0, 1e-9) / world
+        tflops = (total_flops - flops0) / max(now - t0, 1e-9) / world / 1e12 if args.log_tps and total_flops else None
+        mfu = tflops / peak if tflops is not None and peak else None
         scale = optimizer.get_loss_scale().item() if args.fp16 else None
         gn = float(grad_norm) if grad_norm is not None else None
         logger.info("%s", iteration_line(result.iteration, args.train_iters, result.consumed_samples,
                                          elapsed * 1000, lr, args.global_batch_size, reduced, gn,
-                                         tps if args.log_tps else None, scale))
+                                         tps if args.log_tps else None, scale, tflops_per_device=tflops, mfu=mfu))
         tb.add(result.iteration, {"lm loss": reduced.get("lm loss"), "learning-rate": lr, "grad-norm": gn,
-                                  "tokens-per-sec-per-device": tps, "loss-scale": scale})
-    return now, result.iteration, total_tokens
+                                  "tokens-per-sec-per-device": tps, "loss-scale": scale, "mfu": mfu})
+    return now, result.iteration, total_tokens, total_flops
 
 
 def _maybe_evaluate(args, task, chunks, result, forward_backward, mode, seq_length) -> None:

@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 def iteration_line(iteration: int, train_iters: int, consumed: int, ms_per_iter: float, lr: float,
                    global_batch_size: int, losses: dict, grad_norm: Optional[float],
                    tokens_per_sec_per_device: Optional[float] = None, loss_scale: Optional[float] = None,
-                   skipped: int = 0) -> str:
+                   skipped: int = 0, tflops_per_device: Optional[float] = None, mfu: Optional[float] = None) -> str:
     """The line Megatron prints (DESIGN.md §7), e.g.
     `` iteration       10/     100 | consumed samples: 80 | elapsed time per iteration (ms): 812.3 | ...``"""
     parts = [f" iteration {iteration:8d}/{train_iters:8d}", f"consumed samples: {consumed}",
@@ -28,6 +28,10 @@ def iteration_line(iteration: int, train_iters: int, consumed: int, ms_per_iter:
         parts.append(f"number of skipped iterations: {skipped}")
     if tokens_per_sec_per_device is not None:
         parts.append(f"tokens per sec per device: {tokens_per_sec_per_device:.1f}")
+    if tflops_per_device is not None:
+        parts.append(f"model TFLOP/s per device: {tflops_per_device:.1f}")
+    if mfu is not None:
+        parts.append(f"MFU: {mfu:.1%}")
     return " | ".join(parts) + " |"
 
 
@@ -65,8 +69,31 @@ class TensorBoard:
             self.writer.close()
 
 
-def summary_line(iterations: int, seconds: float, tokens: int, world_size: int) -> str:
+def summary_line(iterations: int, seconds: float, tokens: int, world_size: int, flops: float = 0.0,
+                 peak_tflops: Optional[float] = None) -> str:
     tps = tokens / max(seconds, 1e-9)
+    mfu = ""
+    if flops and peak_tflops:
+        tflops = flops / max(seconds, 1e-9) / world_size / 1e12
+        mfu = f"| model TFLOP/s per device: {tflops:.1f} | MFU: {tflops / peak_tflops:.1%} "
     return (f"training done: {iterations} iterations in {seconds:.1f} s | tokens per sec: {tps:.1f} "
-            f"| tokens per sec per device: {tps / world_size:.1f} "
+            f"| tokens per sec per device: {tps / world_size:.1f} {mfu}"
             f"| peak memory per device: {platform.max_memory_allocated_gib():.2f} GiB")
+
+
+def resolve_peak_tflops(args) -> Optional[float]:
+    """``--peak-tflops``, else the known peak of this GPU for bf16/fp16 runs; None = no MFU (said once)."""
+    from mm_omni.training.flops import peak_tflops
+
+    if not args.log_tps:
+        return None
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not (args.bf16 or args.fp16):
+        logger.info("--log-tps: MFU is reported for --bf16/--fp16 runs (give --peak-tflops for fp32)")
+        return None
+    name = platform.device_name()
+    peak = peak_tflops(name)
+    if peak is None:
+        logger.info("--log-tps: no known bf16 peak for %r; give --peak-tflops to log MFU", name)
+    return peak

@@ -12,6 +12,7 @@ keys and tp=1 encoders split each micro-batch's media over the decoder's TP grou
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from typing import Optional
 
@@ -21,6 +22,7 @@ from megatron.core import parallel_state
 from mm_omni.config.arguments import ArgumentsError
 from mm_omni.config.model import OmniModelConfig
 from mm_omni.platform import get_platform
+from mm_omni.training.flops import omni_batch_flops
 from mm_omni.training.model_setup import params_dtype
 from mm_omni.training.task import TrainTask
 
@@ -120,4 +122,5 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
 
     return TrainTask(name="qwen2_5_omni", model_provider=provider, forward=forward, data_iterator=data_iterator,
                      seq_length=None, model_config=model_cfg,
+                     count_flops=functools.partial(omni_batch_flops, model_cfg),
                      after_grad_sync=hetero.reduce_grads if hetero is not None else None)

@@ -33,6 +33,8 @@ class TrainTask:
     # consumed samples -> iterator of this data-parallel rank's micro-batches, from that position on
     data_iterator: Callable[[int], Iterator[dict]]
     count_tokens: Callable[[dict], int] = count_label_free_tokens
+    # micro-batch -> model FLOPs of its fwd+bwd (mm_omni.training.flops), for --log-tps's MFU; None: no MFU
+    count_flops: Optional[Callable[[dict], float]] = None
     # fixed sequence length for the pipeline's p2p shapes; None = shapes travel with the tensors
     seq_length: Optional[int] = None
     # the model.json object, to compare with model-structure flags (None for stand-ins)

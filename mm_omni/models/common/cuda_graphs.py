@@ -14,10 +14,10 @@ autograd (evaluation), when the key's forward is still waiting for its backward 
 schedule with several micro-batches in flight: the graph's activations live in static buffers),
 after ``max_graphs`` captures, or when a capture fails (logged once per key).
 
-Gradients: the graphed backward hands its parameter gradients over from static buffers. megatron's
-DDP moves each one into its ``main_grad`` buffer as it arrives, so gradient accumulation over
-micro-batches is exact there; without megatron's DDP, use one micro-batch per optimizer step or
-keep the graphs off.
+Gradients: the graphed backward hands its parameter gradients over from static buffers, through
+autograd, to the real parameters (graph inputs whose storage the graph reads in place: see
+``_capture``). megatron's DDP moves each one into its ``main_grad`` buffer as it arrives, so gradient
+accumulation over micro-batches is exact there; plain autograd accumulates into ``.grad`` as usual.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class _Call(torch.nn.Module):
-    """``fn(*tensors)`` as a module that owns ``module``'s parameters (what the graph differentiates)."""
+    """``fn(*tensors)`` as a module that owns ``module`` (so ``functional_call`` can swap its parameters)."""
 
     def __init__(self, module: torch.nn.Module, fn: Callable[..., torch.Tensor]):
         super().__init__()
@@ -95,16 +95,30 @@ class GraphedBlocks:
         return out
 
     def _capture(self, key, module, fn, inputs) -> _Entry | None:
+        # The trainable parameters are graph inputs too, captured through detached aliases that share
+        # their storage: megatron's DDP keeps each parameter's AccumulateGrad node alive (for its grad
+        # hooks) and that node belongs to the default stream, which a capture on a side stream must not
+        # touch. At replay the real parameters are passed; their storage is the aliases', so nothing is
+        # copied, and the gradients the graph returns reach them (and DDP's hooks) through autograd.
         call = _Call(module, fn)
-        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+        named = [(f"module.{n}", p) for n, p in module.named_parameters() if p.requires_grad]
+        names, params = [n for n, _ in named], tuple(p for _, p in named)
+        n_inputs = len(inputs)
+
+        def with_params(*tensors):
+            return torch.func.functional_call(call, dict(zip(names, tensors[n_inputs:])), tensors[:n_inputs])
+
+        sample = (tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+                  + tuple(p.detach().requires_grad_() for p in params))
         try:
-            fn = platform.make_graphed_callables(call, sample, allow_unused_input=True)
+            graphed = platform.make_graphed_callables(with_params, sample, allow_unused_input=True)
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager, once per key
             logger.warning("CUDA graph capture of %s failed (%s: %s); running it eagerly",
-                           type(module).__name__, type(err).__name__, str(err).splitlines()[0][:200])
+                           type(module).__name__, type(err).__name__, str(err)[:1000], exc_info=err)
             self.entries[key] = None
+            platform.release_cached_memory()  # what the failed capture's private pool held
             return None
-        entry = _Entry(fn)
+        entry = _Entry(lambda *tensors: graphed(*tensors, *params))
         self.entries[key] = entry
         logger.info("captured a CUDA graph of %s for %s", type(module).__name__, key)
         return entry

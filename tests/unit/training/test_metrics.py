@@ -20,3 +20,10 @@ def test_iteration_line_without_tps_and_with_loss_scale():
 def test_summary_line():
     assert summary_line(10, 2.0, 4000, 2).startswith("training done: 10 iterations in 2.0 s | tokens per sec: 2000.0 "
                                                       "| tokens per sec per device: 1000.0 | peak memory")
+
+
+def test_iteration_line_with_mfu_and_summary_with_flops():
+    line = iteration_line(1, 2, 8, 5.0, 1e-5, 8, {"lm loss": 2.0}, 0.5, 100.0, tflops_per_device=123.45, mfu=0.2512)
+    assert line.endswith("| tokens per sec per device: 100.0 | model TFLOP/s per device: 123.5 | MFU: 25.1% |")
+    done = summary_line(10, 2.0, 4000, 2, flops=4e14, peak_tflops=400.0)
+    assert "| model TFLOP/s per device: 100.0 | MFU: 25.0% |" in done
