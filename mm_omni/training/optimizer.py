@@ -15,6 +15,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from mm_omni import platform
 from mm_omni.config.arguments import ArgumentsError
 from mm_omni.training.model_setup import has_trainable_params, params_dtype
 
@@ -36,7 +37,35 @@ def build_optimizer(args: argparse.Namespace, chunks):
         loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, chunks)
+    optimizer = get_megatron_optimizer(config, chunks)
+    if platform.get_platform().name == platform.CUDA:
+        fused = use_fused_adam(torch_optimizers(optimizer))
+        if fused:
+            logger.info("Adam: torch's fused kernel (%d optimizer(s)); megatron-core builds the multi-pass foreach one "
+                        "without apex/TransformerEngine", fused)
+    return optimizer
+
+
+def torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron-core's (chained) optimizer."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [o.optimizer for o in inner if isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer)]
+
+
+def use_fused_adam(optimizers) -> int:
+    """Switch torch Adam/AdamW to its fused single-kernel update (read from the param groups at each step).
+
+    Measured on an H100 (7B widths, reduced depth, 2.4 B fp32 main parameters): the foreach AdamW that
+    megatron-core falls back to makes ~8 passes over the optimizer state and took 72 ms of a 165 ms
+    iteration. The fused kernel makes one. Same update up to fp32 rounding order.
+    """
+    count = 0
+    for opt in optimizers:
+        if isinstance(opt, torch.optim.Adam):  # AdamW too
+            for group in opt.param_groups:
+                group["fused"], group["foreach"] = True, False
+            count += 1
+    return count
 
 
 def build_scheduler(args: argparse.Namespace, optimizer) -> OptimizerParamScheduler:
