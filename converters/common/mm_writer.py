@@ -1,7 +1,9 @@
-"""Write global (TP1, PP1) tensors into a Megatron layout, one pipeline stage at a time.
+"""Write global (TP1, PP1) tensors into a Megatron layout, one rank file at a time.
 
-Peak memory is one stage's global tensors plus one rank's shards: a stage is fetched, each TP
-rank's file is cut from it and saved, then the stage is dropped.
+Peak memory is one rank's shards plus one global tensor: for each rank file every tensor of its
+stage is fetched, cut to the rank's shard and dropped. With TP > 1 a tensor is fetched once per TP
+rank (from the page cache after the first read): a stage held whole measured 4.9 GB peak RSS on a
+half-depth 7B (TP2/PP4) where this holds ~one rank file.
 """
 
 from __future__ import annotations
@@ -41,16 +43,15 @@ def write_layout(tag_dir: Path, layout: Layout, names: list[str], fetch: Callabl
         per_stage[p].append((v, name, local))
     bar = tqdm(total=layout.pp * layout.tp_files, desc="mm rank files", unit="file")
     for p in range(layout.pp):
-        entries = per_stage[p]
-        tensors = {k: cast(t, dtype) for k, t in fetch([name for _, name, _ in entries]).items()}
         for rank in range(layout.tp_files):
             chunks: list[dict[str, Tensor]] = [{} for _ in range(layout.vpp)]
-            for v, name, local in entries:
+            for v, name, local in per_stage[p]:
                 size = layout.tp[layout.spec_of(name).name]
-                chunks[v][local] = _owned(tp_ops.shard(tensors[name], split_kind(name), size, rank % size))
+                full = cast(fetch([name])[name], dtype)
+                chunks[v][local] = _owned(tp_ops.shard(full, split_kind(name), size, rank % size))
+                del full
             path = save_rank(tag_dir, rank, p, layout.pp, chunks)
             bar.set_postfix_str(path.parent.name)
             bar.update()
             del chunks
-        del tensors
     bar.close()
