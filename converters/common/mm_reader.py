@@ -2,8 +2,9 @@
 
 The layout is discovered from the files: PP/VPP from the rank grid and chunk keys, layer counts per
 stage from the layer numbers found, each tensor's TP from its shard shape against the full shape
-(so hetero per-module TP needs no side information). Rank files are memory-mapped and only the
-current pipeline stage's files are kept open.
+(so hetero per-module TP needs no side information). Rank files are memory-mapped; the mappings
+are dropped when the stage changes and after every ``RELEASE_BYTES`` read, so the resident mapped
+pages stay bounded (a stage's files held open measured 4.2 GB peak RSS for mm_to_hf of a half-depth 7B).
 
 LoRA: a checkpoint trained with adapters holds ``<linear>.lora_A.weight`` / ``lora_B.weight`` beside
 ``<linear>.weight``; :meth:`MMReader.get` returns the base weight with ``scale * B @ A`` merged in,
@@ -27,6 +28,7 @@ from converters.common.mm_io import load_rank, rank_files, resolve_tag_dir, save
 from mm_omni.lora import merge as lora  # pure torch, no training stack
 
 log = logging.getLogger(__name__)
+RELEASE_BYTES = 512 * 2**20
 
 
 class MMReader:
@@ -39,6 +41,7 @@ class MMReader:
         self.pp = 1 + max(p for _, p in self.files)
         self.specs, self.split_kind, self.full = tuple(specs), split_kind, full
         self._stage: int | None = None
+        self._read_bytes = 0  # read from the open mappings since they were (re)opened
         self._loaded: dict[int, list[dict[str, Tensor]]] = {}
         self._where: dict[str, tuple[int, int, str]] = {}  # global name -> (pp, vpp chunk, local name)
         self._tp: dict[str, int] = {}
@@ -53,8 +56,10 @@ class MMReader:
             log.info("merging %d LoRA adapters (scale %g) into their base weights", len(self._lora), self.lora_scale)
 
     def _rank(self, tp: int, pp: int) -> list[dict[str, Tensor]]:
-        if self._stage != pp:  # moving to another stage: drop the previous stage's mappings
-            self._loaded, self._stage = {}, pp
+        if self._stage != pp or self._read_bytes > RELEASE_BYTES:
+            # drop our references to the open mappings: each is unmapped (its resident pages released)
+            # once the tensors handed out from it are freed too
+            self._loaded, self._stage, self._read_bytes = {}, pp, 0
         if tp not in self._loaded:
             self._loaded[tp] = load_rank(self.files[(tp, pp)])
         return self._loaded[tp]
@@ -125,6 +130,7 @@ class MMReader:
         """The global tensor ``name`` (TP shards merged; replicated ranks beyond the module's TP unread)."""
         p, v, local = self._where[name]
         shards = [self._rank(t, p)[v][local] for t in range(self._tp[name])]
+        self._read_bytes += sum(t.numel() * t.element_size() for t in shards)
         if name in self._lora:  # W_t + scale * B_t @ A_t on each shard (A or B replicated, the other split)
             a, b = (self._where[k][2] for k in self._lora[name])
             shards = [lora.merged_weight(w, self._rank(t, p)[v][a], self._rank(t, p)[v][b], self.lora_scale)
