@@ -12,13 +12,13 @@ run's loss mode says: the mean over label tokens per micro-batch averaged over m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import tiny_thinker_config
+from tests.distributed.test_train_omni import write_omni_data
 from tests.distributed.torchrun import run_torchrun
 from tests.helpers import randomize_
 
@@ -66,17 +66,9 @@ def _hf_checkpoint(path: Path) -> Path:
 def first_step(tmp_path_factory):
     from converters.config import HfToMmConfig
     from converters.qwen2_5_omni.converter import Qwen2_5_OmniConverter
-    from mm_omni.data.testing import build_tiny_processor, tiny_data_config, write_dataset, write_image, write_wav
 
     d = tmp_path_factory.mktemp("first_step")
-    media = d / "media"
-    media.mkdir()
-    write_image(media / "a.png", 56, 56, seed=0)
-    write_image(media / "b.png", 84, 56, seed=1)
-    write_wav(media / "a.wav", seconds=1.0)
-    build_tiny_processor(d / "processor")
-    (d / "data.json").write_text(json.dumps(tiny_data_config(d / "processor", media,
-                                                             write_dataset(d / "rows.json", ROWS))))
+    write_omni_data(d, ROWS)
     hf_dir = _hf_checkpoint(d / "hf")
     for name, (pc, _) in LAYOUTS.items():
         Qwen2_5_OmniConverter.hf_to_mm(HfToMmConfig(mm_dir=d / name, hf_config={"hf_dir": hf_dir},

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_thinker_config
-from tests.distributed.test_train_omni import ROWS
+from tests.distributed.test_train_omni import ROWS, write_omni_data
 from tests.distributed.torchrun import run_torchrun
 
 WORKER = Path(__file__).with_name("hetero_worker.py")
@@ -30,16 +30,8 @@ pytestmark = pytest.mark.distributed
 
 def test_hetero_encoders_dp_follow_homogeneous(tmp_path):
     from mm_omni.config.model import from_hf_thinker_config
-    from mm_omni.data.testing import build_tiny_processor, tiny_data_config, write_dataset, write_image, write_wav
 
-    media = tmp_path / "media"
-    media.mkdir()
-    write_image(media / "a.png", 56, 56, seed=0)
-    write_image(media / "b.png", 84, 56, seed=1)
-    write_wav(media / "a.wav", seconds=1.0)
-    build_tiny_processor(tmp_path / "processor")
-    data = tiny_data_config(tmp_path / "processor", media, write_dataset(tmp_path / "rows.json", ROWS * 6))
-    (tmp_path / "data.json").write_text(json.dumps(data))
+    write_omni_data(tmp_path, ROWS * 6)
     cases = []
     for case, tp, pp, cp in (("tp2dp2", 2, 1, 1), ("tp2pp2", 2, 2, 1), ("cp2dp2", 1, 1, 2)):
         model = from_hf_thinker_config(tiny_thinker_config())

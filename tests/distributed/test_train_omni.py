@@ -27,20 +27,27 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def launch(tmp_path_factory):
-    from mm_omni.config.model import from_hf_thinker_config
+def write_omni_data(d: Path, rows: list) -> Path:
+    """``d/data.json`` over ``rows`` with the media they name (a.png, b.png, a.wav) and the tiny processor."""
     from mm_omni.data.testing import build_tiny_processor, tiny_data_config, write_dataset, write_image, write_wav
 
-    d = tmp_path_factory.mktemp("omni_train")
     media = d / "media"
     media.mkdir()
     write_image(media / "a.png", 56, 56, seed=0)
     write_image(media / "b.png", 84, 56, seed=1)
     write_wav(media / "a.wav", seconds=1.0)
     build_tiny_processor(d / "processor")
-    data = tiny_data_config(d / "processor", media, write_dataset(d / "rows.json", ROWS * 3))
+    data = tiny_data_config(d / "processor", media, write_dataset(d / "rows.json", rows))
     (d / "data.json").write_text(json.dumps(data))
+    return d / "data.json"
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    from mm_omni.config.model import from_hf_thinker_config
+
+    d = tmp_path_factory.mktemp("omni_train")
+    write_omni_data(d, ROWS * 3)
     model = from_hf_thinker_config(tiny_thinker_config())
     model.text_decoder.pipeline_num_layers = [1, 2]  # PP=2: MindSpeed-MM's uneven split (used by the PP run)
     (d / "model.json").write_text(model.model_dump_json())

@@ -20,16 +20,8 @@ from megatron.core import parallel_state, tensor_parallel
 from mm_omni.parallel.context_parallel import pad_for_context_parallel, split_for_context_parallel
 from mm_omni.platform import get_platform
 from tests.conftest import tiny_thinker_config
-from tests.distributed.text_tp_worker import compare, gathered_grads, load_sharded
-from tests.parity.test_text import build_hf_text, build_mm_text, hf_text_state, hf_to_mm, load_mm, make_rows, \
-    pack_rows, pad_rows
-
-
-def _run(model, **inputs):
-    model.zero_grad(set_to_none=True)
-    out = model(return_logits=True, **inputs)
-    out.loss.backward()
-    return out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+from tests.distributed.text_tp_worker import compare, gathered_grads, load_sharded, reference_cases, run_model
+from tests.parity.test_text import build_mm_text, load_mm
 
 
 def _real(batch: dict, padded: dict) -> torch.Tensor:
@@ -50,20 +42,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2
     cfg = tiny_thinker_config()
-    rows = make_rows(cfg.text_config.vocab_size)  # lengths 12 and 7
-    ids, labels, mask, pos = pad_rows(rows)
-    p_ids, p_labels, p_pos, cu = pack_rows(rows)
-    cases = {"padded": dict(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels),
-             "packed": dict(input_ids=p_ids, position_ids=p_pos, labels=p_labels, cu_seqlens=cu)}
-    valid = {"padded": mask.bool(), "packed": torch.ones_like(p_ids, dtype=torch.bool)}
-
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    ref_model = build_mm_text(cfg)
-    load_mm(ref_model, hf_to_mm(hf_text_state(*build_hf_text(cfg), tied=False), cfg), "text_decoder.")
-    full = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
-    refs = {k: _run(ref_model, **v) for k, v in cases.items()}
-    parallel_state.destroy_model_parallel()
+    cases, valid, full, refs = reference_cases(cfg)  # rows of lengths 12 and 7
     errs = {}
 
     # -- TP=2 + sequence parallel ---------------------------------------------------------------
@@ -75,7 +54,7 @@ def main():
     assert len(marked) == 2 * cfg.text_config.num_hidden_layers + 1, marked  # 2 norms per layer + final norm
     for name, batch in cases.items():
         padded = pad_for_context_parallel(batch, 2)
-        logits, loss, grads = _run(model, **_inputs(padded))
+        logits, loss, grads = run_model(model, **_inputs(padded))
         grads = gathered_grads(model, grads, world)
         for n in marked:  # what finalize_model_grads does for sequence_parallel parameters
             dist.all_reduce(grads[n])
@@ -93,7 +72,7 @@ def main():
     load_mm(model, full, "")
     for name, batch in cases.items():
         padded = pad_for_context_parallel(batch, 4)
-        logits, loss, grads = _run(model, **_inputs(padded))
+        logits, loss, grads = run_model(model, **_inputs(padded))
         for g in grads.values():
             dist.all_reduce(g, group=group)
         # this rank's logits are its zig-zag share; put the sequence back together

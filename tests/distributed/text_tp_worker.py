@@ -82,11 +82,34 @@ def compare(name: str, ref: tuple, got: tuple, rank: int) -> dict:
     return errs
 
 
-def _run(model, **inputs):
+def run_model(model, **inputs):
+    """Logits, loss and parameter gradients of one fwd+bwd."""
     model.zero_grad(set_to_none=True)
     out = model(return_logits=True, **inputs)
     out.loss.backward()
     return out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def reference_cases(cfg):
+    """The padded and the packed batch of two rows, and the single-process (TP=1) text decoder's results.
+
+    Returns ``cases`` (model inputs), ``valid`` (which logits are real tokens), ``full`` (the TP=1
+    parameters, to shard) and ``refs`` (``run_model`` of each case at TP=1).
+    """
+    rows = make_rows(cfg.text_config.vocab_size)
+    ids, labels, mask, pos = pad_rows(rows)
+    p_ids, p_labels, p_pos, cu = pack_rows(rows)
+    cases = {"padded": dict(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels),
+             "packed": dict(input_ids=p_ids, position_ids=p_pos, labels=p_labels, cu_seqlens=cu)}
+    valid = {"padded": mask.bool(), "packed": torch.ones_like(p_ids, dtype=torch.bool)}
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    ref_model = build_mm_text(cfg)
+    load_mm(ref_model, hf_to_mm(hf_text_state(*build_hf_text(cfg), tied=False), cfg), "text_decoder.")
+    full = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+    refs = {k: run_model(ref_model, **v) for k, v in cases.items()}
+    parallel_state.destroy_model_parallel()
+    return cases, valid, full, refs
 
 
 def main():
@@ -95,20 +118,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_thinker_config()
     assert world == 2 and cfg.text_config.num_key_value_heads == 2
-    rows = make_rows(cfg.text_config.vocab_size)
-    ids, labels, mask, pos = pad_rows(rows)
-    p_ids, p_labels, p_pos, cu = pack_rows(rows)
-    cases = {"padded": dict(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels),
-             "packed": dict(input_ids=p_ids, position_ids=p_pos, labels=p_labels, cu_seqlens=cu)}
-    valid = {"padded": mask.bool(), "packed": torch.ones_like(p_ids, dtype=torch.bool)}
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    ref_model = build_mm_text(cfg)
-    load_mm(ref_model, hf_to_mm(hf_text_state(*build_hf_text(cfg), tied=False), cfg), "text_decoder.")
-    full = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
-    refs = {k: _run(ref_model, **v) for k, v in cases.items()}
-    parallel_state.destroy_model_parallel()
+    cases, valid, full, refs = reference_cases(cfg)
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -118,7 +128,7 @@ def main():
     assert split == 5 * layers + 2, split  # qkv w/b, proj, fc1, fc2 per layer; embedding; output layer
     errs = {}
     for name, inputs in cases.items():
-        logits, loss, grads = _run(model, **inputs)
+        logits, loss, grads = run_model(model, **inputs)
         ref_logits, ref_loss, ref_grads = refs[name]
         v = valid[name]
         errs.update(compare(name, (ref_logits[v], ref_loss, ref_grads),
