@@ -12,30 +12,17 @@ Prints, all measured in this one run on the same inputs:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mm_omni.platform import get_platform, synchronize
+from mm_omni.platform import get_platform
+from timing import timeit as _timeit  # bench/timing.py
 
-
-def timeit(fn, iters: int, warmup: int = 5) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` runs (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+timeit = functools.partial(_timeit, warmup=5)
 
 
 def fwd_bwd(fn, *inputs):

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mm_omni.platform import get_platform, synchronize  # noqa: E402
+from timing import timeit  # noqa: E402  (bench/timing.py)
 
 # Qwen2.5-Omni-7B special token ids
 IDS = dict(image_token_index=151655, video_token_index=151656, audio_token_index=151646,
@@ -210,28 +210,6 @@ def step_flops(mm_cfg, seq: int, grid, mel: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
-def timeit(fn, iters: int, warmup: int = 3) -> float:
-    """Median ms of ``fn()`` (CUDA events; a host clock in the CPU smoke run)."""
-    for _ in range(warmup):
-        fn()
-    synchronize()
-    times = []
-    for _ in range(iters):
-        if not torch.cuda.is_available():
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
-
-
 def matmul_ceiling(dev) -> float:
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
