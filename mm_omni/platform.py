@@ -89,25 +89,29 @@ def current_device_index() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _accelerator():
+    """``torch.cuda`` or ``torch.npu`` (same API for what is used here); None on the CPU."""
+    name = get_platform().name
+    if name == NPU:
+        return torch.npu  # type: ignore[attr-defined]
+    return torch.cuda if name == CUDA else None
+
+
 def set_device() -> torch.device:
     """Bind this process to its local accelerator (no-op on CPU)."""
-    platform = get_platform()
-    if platform.name == CUDA:
-        torch.cuda.set_device(current_device_index())
-    elif platform.name == NPU:
-        torch.npu.set_device(current_device_index())  # type: ignore[attr-defined]
-    return platform.device
+    accel = _accelerator()
+    if accel is not None:
+        accel.set_device(current_device_index())
+    return get_platform().device
 
 
 def seed_everything(seed: int) -> None:
     """Seed python, torch (host and accelerator) and megatron-core's model-parallel RNG tracker."""
     random.seed(seed)
     torch.manual_seed(seed)
-    platform = get_platform()
-    if platform.name == CUDA:
-        torch.cuda.manual_seed_all(seed)
-    elif platform.name == NPU:
-        torch.npu.manual_seed_all(seed)  # type: ignore[attr-defined]
+    accel = _accelerator()
+    if accel is not None:
+        accel.manual_seed_all(seed)
     from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():
@@ -121,39 +125,27 @@ def autocast_dtype(bf16: bool = False, fp16: bool = False) -> torch.dtype:
 
 
 def synchronize() -> None:
-    platform = get_platform()
-    if platform.name == CUDA:
-        torch.cuda.synchronize()
-    elif platform.name == NPU:
-        torch.npu.synchronize()  # type: ignore[attr-defined]
+    accel = _accelerator()
+    if accel is not None:
+        accel.synchronize()
 
 
 def device_name() -> str:
     """The accelerator's marketing name (``NVIDIA H100 80GB HBM3``), or ``cpu``."""
-    platform = get_platform()
-    if platform.name == CUDA:
-        return torch.cuda.get_device_name(current_device_index())
-    if platform.name == NPU:
-        return torch.npu.get_device_name(current_device_index())  # type: ignore[attr-defined]
-    return "cpu"
+    accel = _accelerator()
+    return accel.get_device_name(current_device_index()) if accel is not None else "cpu"
 
 
 def release_cached_memory() -> None:
     """Give the caching allocator's unused blocks back to the device (no-op on the CPU)."""
-    platform = get_platform()
-    if platform.name == CUDA:
-        torch.cuda.empty_cache()
-    elif platform.name == NPU:
-        torch.npu.empty_cache()  # type: ignore[attr-defined]
+    accel = _accelerator()
+    if accel is not None:
+        accel.empty_cache()
 
 
 def max_memory_allocated_gib() -> float:
-    platform = get_platform()
-    if platform.name == CUDA:
-        return torch.cuda.max_memory_allocated() / 2**30
-    if platform.name == NPU:
-        return torch.npu.max_memory_allocated() / 2**30  # type: ignore[attr-defined]
-    return 0.0
+    accel = _accelerator()
+    return accel.max_memory_allocated() / 2**30 if accel is not None else 0.0
 
 
 def supports_graphs() -> bool:
