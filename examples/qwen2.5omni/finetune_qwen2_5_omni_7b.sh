@@ -32,7 +32,7 @@ LOAD_PATH=${LOAD_PATH:-"ckpt/mm_path/Qwen2.5-Omni-7B"}
 SAVE_PATH=${SAVE_PATH:-"save_dir"}
 
 TP=${TP:-1}
-PP=${PP:-2}  # must match model_7b.json's text_decoder.pipeline_num_layers ([11, 17]) and the converted layout
+PP=${PP:-2}  # must match $MM_MODEL's text_decoder.pipeline_num_layers (7B: [11, 17]) and the converted layout
 CP=${CP:-1}
 MBS=${MBS:-1}
 GRAD_ACC_STEP=${GRAD_ACC_STEP:-48}
@@ -56,7 +56,7 @@ GPT_ARGS="
     --global-batch-size ${GBS} \
     --context-parallel-size ${CP} \
     --tokenizer-type NullTokenizer \
-    --vocab-size 152064 \
+    --vocab-size ${VOCAB_SIZE:-152064} \
     --seq-length 3072 \
     --make-vocab-size-divisible-by 1 \
     --normalization RMSNorm \
