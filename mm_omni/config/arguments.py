@@ -238,6 +238,9 @@ def validate_args(args: argparse.Namespace, world_size: int, model_cfg=None) -> 
 
         check_batch(args, model_cfg, world_size)
     _validate_lora(args)
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        _fail("--peak-tflops", args.peak_tflops, "give the device's dense bf16/fp16 peak in TFLOP/s, e.g. 989 for an "
+              "H100 SXM, or drop the flag")
     if args.encoder_cuda_graphs:
         from mm_omni import platform
 

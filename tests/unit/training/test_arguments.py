@@ -66,6 +66,7 @@ def test_unknown_flag_is_an_error_naming_it():
     (["--ckpt-format", "torch_dist"], 1, "--ckpt-format=torch_dist"),
     (["--min-lr", "1"], 1, "--min-lr=1.0"),
     (["--hetero-parallel", "--tensor-model-parallel-size", "2"], 2, "--hetero-parallel"),
+    (["--peak-tflops", "0"], 1, r"--peak-tflops=0.0: give the device's dense bf16/fp16 peak"),
     (["--hetero-encoder-balance", "rows"], 1, r"--hetero-encoder-balance.*invalid choice"),
     (["--encoder-cuda-graphs"], 1, r"--encoder-cuda-graphs=True: CUDA graphs need a CUDA GPU and this run is on cpu"),
 ])
