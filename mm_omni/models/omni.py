@@ -57,8 +57,17 @@ class OmniModel(MegatronModule):
         enc_pgs = {k: encoder_parallel.pg_collection(k) if encoder_parallel is not None else None
                    for k in ("vision", "audio")}
         self.image_encoder = self.audio_encoder = None
-        # the encoders run where the decoder's input is made (the first pipeline stage)
-        if pre_process and cfg.image_encoder is not None:
+        # the encoders run where the decoder's input is made (the first pipeline stage); with
+        # --hetero-parallel under decoder PP a split encoder has a copy on every stage's first chunk
+        # that encodes a share of each step's media (mm_omni.parallel.encode_ahead); copies are left
+        # out of this stage's checkpoint (the first stage saves the encoder)
+        first_chunk = vp_stage in (None, 0)
+        build = {k: pre_process or (first_chunk and encoder_parallel is not None
+                                    and encoder_parallel.encodes_ahead(k)) for k in ("vision", "audio")}
+        self.encoder_copies = [] if pre_process else [f"{key}." for k, key in
+                                                       (("vision", "image_encoder"), ("audio", "audio_encoder"))
+                                                       if build[k]]
+        if build["vision"] and cfg.image_encoder is not None:
             from mm_omni.models.vision import VisionEncoder
 
             block = cfg.image_encoder
@@ -69,7 +78,7 @@ class OmniModel(MegatronModule):
                                                pg_collection=enc_pgs["vision"] or pg_collection)
             _freeze(self.image_encoder.encoder, block.vision_encoder.freeze)
             _freeze(self.image_encoder.projector, block.vision_projector.freeze)
-        if pre_process and cfg.audio_encoder is not None:
+        if build["audio"] and cfg.audio_encoder is not None:
             from mm_omni.models.audio import AudioEncoder
 
             audio_cfg = cfg.audio_encoder.audio_encoder
@@ -80,6 +89,9 @@ class OmniModel(MegatronModule):
             _freeze(self.audio_encoder, audio_cfg.freeze)
         self.text_decoder = text_decoder
         _freeze(self.text_decoder, cfg.text_decoder.freeze)
+        if self.encoder_copies:
+            self._register_state_dict_hook(_drop_encoder_copies)
+            self.register_load_state_dict_post_hook(_allow_missing_encoder_copies)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.text_decoder.set_input_tensor(input_tensor)
@@ -149,19 +161,14 @@ class OmniModel(MegatronModule):
         """(image features, video features, dummy output): images and videos in ONE vision call; the
         dummy output only when the batch has neither and the dummy forward is on."""
         encoder = self.image_encoder
-        if pixel_values is None and pixel_values_videos is None:
-            dummy = self._dummy_vision() if encoder is not None and self._needs_dummy(encoder) else None
+        inputs = vision_inputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if inputs is None:
+            dummy = self._dummy_vision() if encoder is not None and self._needs_dummy("vision", encoder) else None
             return None, None, dummy
         if encoder is None:
             raise ValueError("the batch holds images/videos but model.json has no image_encoder")
-        pixels, grids = [], []
-        for px, grid, name in ((pixel_values, image_grid_thw, "image"), (pixel_values_videos, video_grid_thw, "video")):
-            if px is not None:
-                if grid is None:
-                    raise ValueError(f"{name} pixels given without {name}_grid_thw")
-                pixels.append(px)
-                grids.append(grid)
-        out = self._run_encoder("vision", encoder, torch.cat(pixels).to(_dtype(encoder)), torch.cat(grids))
+        pixels, grids = inputs
+        out = self._run_encoder("vision", encoder, pixels.to(_dtype(encoder)), grids)
         merge = self.cfg.image_encoder.vision_encoder.spatial_merge_size**2
         n_image = int(image_grid_thw.prod(-1).sum()) // merge if pixel_values is not None else 0
         images = out[:n_image] if pixel_values is not None else None
@@ -171,23 +178,23 @@ class OmniModel(MegatronModule):
     def _encode_audio(self, input_features, feature_attention_mask):
         """(audio features of all clips, dummy output), like :meth:`_encode_vision`."""
         encoder = self.audio_encoder
-        if input_features is None:
-            return None, (self._dummy_audio() if encoder is not None and self._needs_dummy(encoder) else None)
+        inputs = audio_inputs(input_features, feature_attention_mask)
+        if inputs is None:
+            return None, (self._dummy_audio() if encoder is not None and self._needs_dummy("audio", encoder) else None)
         if encoder is None:
             raise ValueError("the batch holds audio but model.json has no audio_encoder")
-        if feature_attention_mask is None:
-            lens = torch.full((input_features.shape[0],), input_features.shape[-1], dtype=torch.long)
-        else:
-            lens = feature_attention_mask.sum(-1)
-        return self._run_encoder("audio", encoder, input_features.to(_dtype(encoder)), lens), None
+        features, lens = inputs
+        return self._run_encoder("audio", encoder, features.to(_dtype(encoder)), lens), None
 
     def _run_encoder(self, kind: str, encoder, *inputs) -> torch.Tensor:
         if self.encoder_parallel is None:
             return encoder(*inputs)
-        dummy = getattr(self, f"_dummy_{kind}") if self._needs_dummy(encoder) else None
+        dummy = getattr(self, f"_dummy_{kind}") if self._needs_dummy(kind, encoder) else None
         return self.encoder_parallel.encode(kind, encoder, *inputs, dummy=dummy)
 
-    def _needs_dummy(self, encoder: torch.nn.Module) -> bool:
+    def _needs_dummy(self, kind: str, encoder: torch.nn.Module) -> bool:
+        if self.encoder_parallel is not None and self.encoder_parallel.encodes_ahead(kind):
+            return False  # encoded ahead of the schedule, which runs the dummy where a share is empty
         return self.dummy_encoder_forward and self.training and any(p.requires_grad for p in encoder.parameters())
 
     def _dummy_vision(self) -> torch.Tensor:
@@ -205,6 +212,40 @@ class OmniModel(MegatronModule):
         weight = self.audio_encoder.encoder.conv1.weight
         feats = torch.zeros(1, ac.num_mel_bins, 4, dtype=weight.dtype, device=weight.device)
         return self.audio_encoder(feats, torch.tensor([4], device=weight.device))
+
+
+def vision_inputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+    """``(pixels, grid_thw)`` of the images then the videos (one vision call), or None when there are none."""
+    pixels, grids = [], []
+    for px, grid, name in ((pixel_values, image_grid_thw, "image"), (pixel_values_videos, video_grid_thw, "video")):
+        if px is not None:
+            if grid is None:
+                raise ValueError(f"{name} pixels given without {name}_grid_thw")
+            pixels.append(px)
+            grids.append(grid)
+    return (torch.cat(pixels), torch.cat(grids)) if pixels else None
+
+
+def audio_inputs(input_features, feature_attention_mask):
+    """``(features, mel frames per clip)``, or None when there is no audio."""
+    if input_features is None:
+        return None
+    if feature_attention_mask is None:
+        lens = torch.full((input_features.shape[0],), input_features.shape[-1], dtype=torch.long)
+    else:
+        lens = feature_attention_mask.sum(-1)
+    return input_features, lens
+
+
+def _drop_encoder_copies(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k[len(prefix):].startswith(tuple(module.encoder_copies))]:
+        del state_dict[key]
+
+
+def _allow_missing_encoder_copies(module, incompatible_keys):
+    # a later stage's encoder copies are not in its checkpoint: they are broadcast from the first stage
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith(tuple(module.encoder_copies))]
 
 
 def scatter_features(embeds: torch.Tensor, input_ids: torch.Tensor,

@@ -204,8 +204,12 @@ def _plain_args(args: argparse.Namespace) -> dict:
 
 
 # -- load ----------------------------------------------------------------------------------------
-def load_checkpoint(root, chunks, optimizer, scheduler, args: argparse.Namespace) -> tuple[int, int]:
-    """Load ``--load``; return (iteration, consumed samples) to continue from ((0, 0) for a fine-tune start)."""
+def load_checkpoint(root, chunks, optimizer, scheduler, args: argparse.Namespace,
+                    after_model_load=None) -> tuple[int, int]:
+    """Load ``--load``; return (iteration, consumed samples) to continue from ((0, 0) for a fine-tune start).
+
+    ``after_model_load(chunks)`` runs once the weights are in, before the optimizer's copies follow them.
+    """
     root = Path(root)
     tag = read_tracker(root)
     if tag is None:
@@ -219,6 +223,8 @@ def load_checkpoint(root, chunks, optimizer, scheduler, args: argparse.Namespace
     register_safe_globals()
     state = torch.load(path, map_location="cpu", weights_only=True)
     _load_model(chunks, state, path)
+    if after_model_load is not None:
+        after_model_load(chunks)
     fresh = release or args.finetune
     if fresh:
         logger.info("loaded model weights from %s (%s): starting at iteration 0", path,

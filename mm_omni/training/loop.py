@@ -54,13 +54,13 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
     result = TrainResult()
     if args.load:
         result.iteration, result.consumed_samples = checkpointing.load_checkpoint(
-            args.load, chunks, optimizer, scheduler, args)
-    _set_schedule_hooks(args, chunks, optimizer, task.after_grad_sync)
+            args.load, chunks, optimizer, scheduler, args, after_model_load=task.after_load)
+    _set_schedule_hooks(args, chunks, optimizer, task.before_grad_sync, task.after_grad_sync)
     if task.valid_data_iterator is None and "--eval-interval" in args.given and torch.distributed.get_rank() == 0:
         logger.info("--eval-interval/--eval-iters accepted: %s has no validation data, no evaluation runs", task.name)
     tb = TensorBoard(args.tensorboard_dir, enabled=_is_logging_rank())
     step = ForwardStep(task, mode)
-    iters = [task.data_iterator(result.consumed_samples) for _ in chunks]
+    iters = _data_iterators(task, chunks, result.consumed_samples)
     forward_backward = get_forward_backward_func()
     seq_length = task.seq_length or args.seq_length or 1
     peak = resolve_peak_tflops(args) if _is_logging_rank() else None
@@ -72,8 +72,9 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         step.tokens, step.flops = 0, 0.0
+        step_iters = _step_iterators(task, chunks, iters, args.num_microbatches, forward_only=False)
         losses = forward_backward(
-            forward_step_func=step, data_iterator=iters if len(iters) > 1 else iters[0],
+            forward_step_func=step, data_iterator=step_iters if len(step_iters) > 1 else step_iters[0],
             model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=args.num_microbatches,
             seq_length=seq_length, micro_batch_size=args.micro_batch_size, forward_only=False)
         ok, grad_norm, _ = optimizer.step()
@@ -110,23 +111,44 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
     return result
 
 
-def _set_schedule_hooks(args, chunks, optimizer, after_grad_sync=None) -> None:
+def _data_iterators(task: TrainTask, chunks, consumed: int) -> list:
+    """One iterator per model chunk; one in all when the task reads each step's micro-batches first."""
+    return [task.data_iterator(consumed) for _ in (chunks if task.before_schedule is None else chunks[:1])]
+
+
+def _step_iterators(task: TrainTask, chunks, iters: list, num_microbatches: int, forward_only: bool) -> list:
+    """The iterators one schedule reads; with ``task.before_schedule`` the step's micro-batches are
+    read here, handed to it, then replayed to every chunk."""
+    if task.before_schedule is None:
+        return iters
+    batches = [next(iters[0]) for _ in range(num_microbatches)]
+    task.before_schedule(chunks, batches, forward_only)
+    return [iter(batches) for _ in chunks]
+
+
+def _set_schedule_hooks(args, chunks, optimizer, before_grad_sync=None, after_grad_sync=None) -> None:
     """What megatron's schedules call: loss scaling, grad sync hooks, the final grad reduction."""
     config = unwrap(chunks[0]).config
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
-    if after_grad_sync is not None:
-        def finalize_then(model, *a, **kw):
+    if before_grad_sync is not None or after_grad_sync is not None:
+        def finalize_with_hooks(model, *a, **kw):
+            if before_grad_sync is not None:
+                before_grad_sync(model)
             finalize_model_grads(model, *a, **kw)
-            after_grad_sync(model)
+            if after_grad_sync is not None:
+                after_grad_sync(model)
 
-        config.finalize_model_grads_func = finalize_then
+        config.finalize_model_grads_func = finalize_with_hooks
     config.timers = None
     if args.overlap_grad_reduce:
         syncs = [c.no_sync for c in chunks]
         config.no_sync_func = syncs[0] if len(syncs) == 1 else syncs
-        starts = [c.start_grad_sync for c in chunks]
-        config.grad_sync_func = starts[0] if len(starts) == 1 else starts
+        if before_grad_sync is None:
+            starts = [c.start_grad_sync for c in chunks]
+            config.grad_sync_func = starts[0] if len(starts) == 1 else starts
+        # else gradients still arrive after the schedule (before_grad_sync): each bucket launches from
+        # DDP's hooks once all its gradients are in, not forced when the schedule ends
     if args.overlap_param_gather and args.use_distributed_optimizer:
         starts = [c.start_param_sync for c in chunks]
         config.param_sync_func = starts[0] if len(starts) == 1 else starts
@@ -178,12 +200,13 @@ def _maybe_evaluate(args, task, chunks, result, forward_backward, mode, seq_leng
     for c in chunks:
         c.eval()
     step = ForwardStep(task, mode)
-    iters = [task.valid_data_iterator(0) for _ in chunks]
+    iters = [task.valid_data_iterator(0) for _ in (chunks if task.before_schedule is None else chunks[:1])]
     totals = {}
     with torch.no_grad():
         for _ in range(args.eval_iters):
+            step_iters = _step_iterators(task, chunks, iters, args.num_microbatches, forward_only=True)
             losses = forward_backward(
-                forward_step_func=step, data_iterator=iters if len(iters) > 1 else iters[0],
+                forward_step_func=step, data_iterator=step_iters if len(step_iters) > 1 else step_iters[0],
                 model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=args.num_microbatches,
                 seq_length=seq_length, micro_batch_size=args.micro_batch_size, forward_only=True)
             for k, v in _reduce_losses(losses).items():

@@ -1,7 +1,8 @@
 """The omni model as a :class:`TrainTask`: ``--mm-model`` (model.json) + ``--mm-data`` (data.json).
 
 Parallelism: TP and DP for every module; PP for the text decoder, with the encoders on the first
-stage (where the decoder's input is made). ``text_decoder.pipeline_num_layers`` maps onto
+stage (where the decoder's input is made; with ``--hetero-parallel``, tp=1 encoders on every stage).
+``text_decoder.pipeline_num_layers`` maps onto
 megatron-core's layout: equal counts, or a different first and/or last stage with equal middle
 stages (``[1, 10, 10, 7]``); a nested list (VPP) must be uniform. Anything else is rejected before a
 model is built, naming the key. With ``--hetero-parallel`` the sizes come from model.json's tp/pp
@@ -92,6 +93,7 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
     from mm_omni.parallel.hetero import hetero_encoders
 
     hetero = hetero_encoders(args, model_cfg)  # None without --hetero-parallel
+    ahead = hetero is not None and hetero.ahead is not None  # encoders on every stage, ahead of the schedule
 
     def provider(pre_process, post_process, vp_stage):
         model = OmniModel(model_cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
@@ -123,4 +125,7 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
     return TrainTask(name="qwen2_5_omni", model_provider=provider, forward=forward, data_iterator=data_iterator,
                      seq_length=None, model_config=model_cfg,
                      count_flops=functools.partial(omni_batch_flops, model_cfg),
-                     after_grad_sync=hetero.reduce_grads if hetero is not None else None)
+                     after_grad_sync=hetero.reduce_grads if hetero is not None else None,
+                     after_load=hetero.after_load if hetero is not None else None,
+                     before_schedule=hetero.before_schedule if ahead else None,
+                     before_grad_sync=hetero.before_grad_sync if ahead else None)

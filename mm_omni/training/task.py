@@ -45,3 +45,10 @@ class TrainTask:
     valid_data_iterator: Optional[Callable[[int], Iterator[dict]]] = None
     # model chunks -> None, run after megatron's finalize_model_grads (e.g. hetero encoders' grad sum)
     after_grad_sync: Optional[Callable[[list], None]] = None
+    # (model chunks, the step's micro-batches, forward_only) -> None, run before each pipeline schedule;
+    # when set the loop reads the step's micro-batches first (hetero encoders ahead of decoder PP)
+    before_schedule: Optional[Callable[[list, list, bool], None]] = None
+    # model chunks -> None, run before megatron's finalize_model_grads (the encoders' backward, then)
+    before_grad_sync: Optional[Callable[[list], None]] = None
+    # model chunks -> None, run after --load put the weights in (e.g. broadcast encoder copies)
+    after_load: Optional[Callable[[list], None]] = None
