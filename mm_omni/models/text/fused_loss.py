@@ -131,7 +131,8 @@ def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 def output_layer_lm_loss(output_layer, hidden: torch.Tensor, weight: Optional[torch.Tensor], targets: torch.Tensor,
                          ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``output_layer(hidden)`` + :func:`vocab_parallel_lm_loss` return, without the full logits.
+    """What ``output_layer(hidden)`` + :func:`vocab_parallel_lm_loss` return, without the full logits
+    and without the rows that have no target (their loss is 0, their gradient nothing).
 
     ``output_layer`` is megatron's ``ColumnParallelLinear`` (no bias, ``gather_output=False``);
     ``weight`` the tied embedding when it is shared. Its input mapping is the layer's own: an
@@ -147,6 +148,16 @@ def output_layer_lm_loss(output_layer, hidden: torch.Tensor, weight: Optional[to
     elif output_layer.allreduce_dgrad:
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=group)
     mask = targets != ignore_index
-    loss = fused_lm_loss(hidden, weight, targets.masked_fill(~mask, 0), group)
-    mask = mask.to(loss.dtype)
-    return loss * mask, mask
+    s, b, h = hidden.shape
+    flat_targets = targets.t().reshape(-1)  # megatron's [s, b] row order
+    # only rows with a target go through the output layer: in SFT the prompt and the media tokens
+    # have none, and the [rows, vocab] GEMMs are the biggest in the model. The row count sizes the
+    # GEMMs, so reading it costs one host sync; every TP rank holds the same targets, so the same rows.
+    rows = (flat_targets != ignore_index).nonzero()[:, 0]
+    if rows.numel() == s * b:
+        loss = fused_lm_loss(hidden, weight, targets, group)
+    else:
+        picked = fused_lm_loss(hidden.reshape(s * b, h).index_select(0, rows)[:, None], weight,
+                               flat_targets.index_select(0, rows)[None], group)[0]
+        loss = picked.new_zeros(s * b).index_copy(0, rows, picked).view(s, b).t()
+    return loss, mask.to(loss.dtype)
