@@ -31,7 +31,8 @@ def tiny_thinker_config(**overrides):
         tie_word_embeddings=False,
     )
     vision = dict(
-        depth=4, hidden_size=32, intermediate_size=48, num_heads=2, in_channels=3, patch_size=14,
+        # 44: not a multiple of 8, like the 7B's 3420, so the MLP's padded (aligned) fc2 path is what is checked
+        depth=4, hidden_size=32, intermediate_size=44, num_heads=2, in_channels=3, patch_size=14,
         spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
         fullatt_block_indexes=[1, 3], hidden_act="silu",
     )

@@ -39,7 +39,7 @@ BIN = Path(sys.executable).parent
 TEXT = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
-VISION = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, in_channels=3, patch_size=14,
+VISION = dict(depth=4, hidden_size=32, intermediate_size=44, num_heads=2, in_channels=3, patch_size=14,
               spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
               fullatt_block_indexes=[1, 3], hidden_act="silu")
 AUDIO = dict(num_mel_bins=128, encoder_layers=3, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
