@@ -7,6 +7,7 @@ processor's. ``--depth reduced`` is DESIGN §8's depth (text 4, vision 8, audio 
 7B's (28 / 32 / 32, vision full attention every 8th layer).
 
     python bench/train_inputs.py --out /tmp/run --depth reduced
+    python bench/train_inputs.py --out /tmp/long --depth full --long-video 120 --rows 4   # ~32.0k-token rows
     torchrun --nproc_per_node 1 -m mm_omni.train --mm-model /tmp/run/model.json --mm-data /tmp/run/data.json \
         --seq-length 4096 --micro-batch-size 1 --global-batch-size 1 --train-iters 20 --bf16 --log-tps ...
 """
@@ -34,9 +35,14 @@ def main() -> None:
     parser.add_argument("--depth", choices=("reduced", "full"), default="reduced")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--text-chars", type=int, default=6000, help="assistant answer length per row")
+    parser.add_argument("--long-video", type=float, default=0.0, metavar="SECONDS",
+                        help="instead: rows of one 448x448 video of this length at 2 fps with its audio track "
+                             "(use_audio_in_video; the feature extractor keeps its first 30 s of audio): 120 s is ~32.0k "
+                             "tokens, the row of the context-parallel memory run")
     args = parser.parse_args()
     from mm_omni.config.model import from_hf_thinker_config
-    from mm_omni.data.testing import _CORPUS, build_tiny_processor, tiny_data_config, write_dataset, write_image, write_wav
+    from mm_omni.data.testing import (_CORPUS, build_tiny_processor, tiny_data_config, write_dataset, write_image,
+                                      write_video, write_wav)
 
     out = Path(args.out)
     media = out / "media"
@@ -49,9 +55,17 @@ def main() -> None:
     rows = [{"messages": [{"role": "user", "content": "<image><audio>Describe the image and the audio."},
                           {"role": "assistant", "content": answer}],
              "images": [f"img{i % 4}.png"], "audios": [f"aud{i % 4}.wav"]} for i in range(args.rows)]
-    data = tiny_data_config(out / "processor", media, write_dataset(out / "rows.json", rows))
+    if args.long_video:
+        write_video(media / "long.mp4", seconds=args.long_video, fps=2, size=448)
+        rows = [{"messages": [{"role": "user", "content": "<video>Describe the video and what is said."},
+                              {"role": "assistant", "content": answer[:2000]}], "videos": ["long.mp4"]}
+                for _ in range(args.rows)]
+    data = tiny_data_config(out / "processor", media, write_dataset(out / "rows.json", rows),
+                            use_audio_in_video=bool(args.long_video))
     pre = data["dataset_param"]["preprocess_parameters"]
     pre.update(image_max_pixels=448 * 448, image_min_pixels=448 * 448)
+    if args.long_video:
+        pre.update(video_max_pixels=448 * 448, video_min_pixels=448 * 448, video_maxlen=int(2 * args.long_video) + 2)
     (out / "data.json").write_text(json.dumps(data, indent=1))
 
     omni_step.IDS.update(TINY_IDS)
