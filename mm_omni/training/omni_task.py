@@ -28,7 +28,8 @@ from mm_omni.training.model_setup import params_dtype
 from mm_omni.training.task import TrainTask
 
 logger = logging.getLogger(__name__)
-_HOST_KEYS = ("image_grid_thw", "video_grid_thw", "feature_attention_mask")
+# the encoders' index bookkeeping and the decoder's padding check read these on the host
+_HOST_KEYS = ("image_grid_thw", "video_grid_thw", "feature_attention_mask", "attention_mask")
 
 # what OmniModel.forward takes from a collated batch
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_grid_thw",

@@ -7,7 +7,8 @@
 embedding). Built on megatron's ``LanguageModule`` so pipeline stages get its tied-embedding
 bookkeeping (first/last stage copies, ``shared_embedding_or_output_weight``).
 
-Batches come either padded, ``[b, s]`` with an ``attention_mask`` (left or right padding), or
+Batches come either padded, ``[b, s]`` with an ``attention_mask`` (left or right padding; right
+padding needs no mask beyond causality, see :func:`is_right_padded`), or
 packed, ``b = 1`` with ``cu_seqlens`` marking where each sequence starts (the fast path on GPU:
 one varlen attention call, no padding).
 
@@ -85,6 +86,18 @@ def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(s, s, dtype=torch.bool, device=keep.device).tril()
     allowed = (causal & keep[:, None, :]) | torch.eye(s, dtype=torch.bool, device=keep.device)
     return ~allowed[:, None]
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of the ``[b, s]`` keep-mask is its tokens, then padding (what the collator makes).
+
+    Then causal attention alone keeps every real token off the padding keys (they all come after it),
+    so no ``[b, 1, s, s]`` mask is built and the causal kernels run, which skip the masked half of the
+    score blocks (an explicit mask is read for all of them). Only the padding positions' own outputs
+    change, and they carry no target. A host mask (``omni_task`` keeps it there) costs no device sync.
+    """
+    keep = attention_mask.bool()
+    return not bool((keep[:, 1:] & ~keep[:, :-1]).any())
 
 
 def default_position_ids(b: int, s: int, device, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -193,7 +206,7 @@ class TextDecoder(LanguageModule):
             packed_seq_params = split.packed_params() if split is not None else packed_params(cu_seqlens.to(device))
         elif split is not None:
             mask = split.attention_mask(None if attention_mask is None else attention_mask.to(device))
-        elif attention_mask is not None:
+        elif attention_mask is not None and not is_right_padded(attention_mask):
             mask = padding_attention_mask(attention_mask.to(device))
 
         if position_ids is None:
