@@ -11,8 +11,9 @@ setup(
     install_requires=[
         "torch>=2.6",
         "torchvision",
-        # 0.16.x is the newest megatron-core that installs on Python 3.11; tested with 0.16.1.
-        "megatron-core>=0.16.1,<0.17",
+        # tested with 0.16.1 (Python 3.10/3.11: 0.17+ needs Python >= 3.12, pip picks 0.16.x there) and
+        # 0.19.2 (Python 3.12); the API differences live in mm_omni/megatron_compat.py.
+        "megatron-core>=0.16.1,<0.20",
         # transformers moves under us: tested range (CI gets 5.23, the GPU machine has 5.17).
         "transformers>=5.17,<5.25",
         "safetensors>=0.4",
@@ -30,7 +31,7 @@ setup(
         # MindSpeed itself comes from its git repository (the PyPI 'mindspeed' is a placeholder
         # whose build fails): see README, "Ascend".
         "npu": ["torch-npu"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "peft>=0.21"],  # peft: the PEFT-export test loads the adapter
     },
     entry_points={
         "console_scripts": [

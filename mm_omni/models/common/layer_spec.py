@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from mm_omni.megatron_compat import transformer_layer_mlp
 from mm_omni.models.common.attention import CoreAttention
 
 
@@ -77,7 +78,7 @@ def transformer_layer_spec(attn_mask_type: AttnMaskType) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=mlp_spec(),
+            mlp=transformer_layer_mlp(mlp_spec().submodules),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -1,0 +1,31 @@
+"""What differs between the megatron-core releases mm_omni supports (0.16.x and 0.19.x), in one place.
+
+The rest of the package imports these names from here instead of branching on megatron-core's version.
+Each entry says what moved and how each release reads it; the test suite runs on both releases.
+Checked by reading both releases' sources: every other megatron-core name mm_omni uses (parallel_state,
+the pipeline schedules, DDP and its config, the (distributed) optimizer and its parameter-state calls,
+TransformerConfig fields, the fused bias-dropout-add / SwiGLU kernels, ProcessGroupCollection) is
+called the same way in both. One behaviour moved without an API change: when a layer's output and its
+residual differ in dtype, 0.16's bias-dropout-add casts the residual to the output's dtype, 0.19's casts the
+output to the residual's; our chunks hold one dtype (``training/model_setup.py`` casts them), so neither cast runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+# 0.19 builds a TransformerLayer's MLP by calling its ``mlp`` entry as
+# ``entry(config=, pg_collection=, is_mtp_layer=, name=)`` and gives MLP a classmethod of that shape.
+# A ModuleSpec(MLP) still works there, but the layer rewrites it into that call, in place in the shared
+# spec, and logs a warning; 0.16 has no such classmethod and builds the ModuleSpec with ``tp_group``.
+_MLP_AS_LAYER_SUBMODULE = getattr(MLP, "as_mlp_submodule", None)
+
+
+def transformer_layer_mlp(submodules: MLPSubmodules):
+    """The ``mlp`` entry of ``TransformerLayerSubmodules`` for a dense megatron ``MLP`` with ``submodules``."""
+    if _MLP_AS_LAYER_SUBMODULE is not None:
+        return functools.partial(_MLP_AS_LAYER_SUBMODULE, submodules=submodules)
+    return ModuleSpec(module=MLP, submodules=submodules)
