@@ -113,6 +113,10 @@ class HfToMmConfig(_Common):
                                                             "the same tiny input and report the difference")
 
 
+_LORA_LOAD_DIR = ("a LoRA run's adapter-only checkpoint (its --save); the source directory is then the base "
+                  "checkpoint that run loaded (its --load)")
+
+
 class MmToHfConfig(_Common):
     save_hf_dir: Path = Field(description="where the Hugging Face checkpoint is written (thinker converted, "
                                           "talker/token2wav and all other files taken from hf_dir)")
@@ -121,6 +125,12 @@ class MmToHfConfig(_Common):
     lora_alpha: Optional[float] = Field(None, description="LoRA alpha of a LoRA-trained checkpoint (default: the "
                                                           "training run's saved args); adapters are merged in")
     lora_r: Optional[PositiveInt] = Field(None, description="LoRA rank (default: the saved args)")
+    lora_load_dir: Optional[Path] = Field(None, description=_LORA_LOAD_DIR + " (mm_dir)")
+    save_lora_as_peft: bool = Field(False, description="write only the LoRA adapters, as a PEFT adapter directory "
+                                                       "(adapter_config.json + adapter_model.safetensors) for "
+                                                       "hf_dir's thinker (transformers' module names, e.g. "
+                                                       "model.language_model.layers.0.self_attn.q_proj), instead "
+                                                       "of the merged model")
 
 
 class ResplitConfig(_Strict):
@@ -136,3 +146,4 @@ class ResplitConfig(_Strict):
     lora_alpha: Optional[float] = Field(None, description="LoRA alpha of a LoRA-trained source (default: its saved "
                                                           "args); adapters are merged into the written weights")
     lora_r: Optional[PositiveInt] = Field(None, description="LoRA rank (default: the saved args)")
+    lora_load_dir: Optional[Path] = Field(None, description=_LORA_LOAD_DIR + " (source_dir)")

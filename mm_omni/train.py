@@ -32,6 +32,8 @@ def prepare_args(argv: Optional[Sequence[str]] = None):
         from mm_omni.config.model import load_model_config
 
         model_cfg = load_model_config(args.mm_model)
+        if args.mm_data:
+            model_cfg = _token_ids_from_tokenizer(model_cfg, args.mm_data)
         chunks = len(model_cfg.text_decoder.stage_layers())
         if chunks > 1 and args.virtual_pipeline_model_parallel_size is None:
             args.virtual_pipeline_model_parallel_size = chunks  # model.json's nested pipeline_num_layers
@@ -47,6 +49,20 @@ def prepare_args(argv: Optional[Sequence[str]] = None):
     if args.num_workers is not None and not args.mm_data:
         logger.debug("--num-workers without --mm-data: unused")
     return args, model_cfg
+
+
+def _token_ids_from_tokenizer(model_cfg, data_path: str):
+    """Fill model.json's omitted special token ids from the data's tokenizer; a stated id must agree with it."""
+    from mm_omni.config.data import load_data_config
+    from mm_omni.data.processor import load_processor, model_token_ids, omni_tokens
+
+    tokenizer_dir = load_data_config(data_path).dataset_param.preprocess_parameters.model_name_or_path
+    try:
+        tokens = omni_tokens(load_processor(tokenizer_dir))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--mm-data {data_path}: cannot load the processor/tokenizer of "
+                         f"preprocess_parameters.model_name_or_path={tokenizer_dir!r}: {err}") from None
+    return model_cfg.with_tokenizer_ids(model_token_ids(tokens), source=tokenizer_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None, task_factory: Optional[Callable] = None,

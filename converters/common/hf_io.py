@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from safetensors import safe_open
 from torch import Tensor
 
 from converters.common.safetensors_stream import SafetensorsStreamWriter
+from mm_omni.checkpoint_file import CONVERT_REMEDY, open_safetensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -28,7 +28,7 @@ class HFSource:
             self.index = None
             self.weight_map = {}
             for path in sorted(self.dir.glob("*.safetensors")):
-                with safe_open(path, "pt") as f:
+                with open_safetensors(path, CONVERT_REMEDY) as f:
                     self.weight_map.update({k: path.name for k in f.keys()})
         missing = sorted({f for f in self.weight_map.values() if not (self.dir / f).is_file()})
         if missing:
@@ -37,7 +37,7 @@ class HFSource:
 
     def _handle(self, file: str):
         if file not in self._handles:
-            self._handles[file] = safe_open(self.dir / file, "pt")
+            self._handles[file] = open_safetensors(self.dir / file, CONVERT_REMEDY)
         return self._handles[file]
 
     def keys(self) -> list[str]:
@@ -49,7 +49,7 @@ class HFSource:
     def get(self, key: str) -> Tensor:
         # a file of its own per read: the copy is returned and the mapping closed, so the shard's
         # pages don't stay mapped (and counted in RSS) for the rest of the conversion
-        with safe_open(self.dir / self.weight_map[key], "pt") as f:
+        with open_safetensors(self.dir / self.weight_map[key], CONVERT_REMEDY) as f:
             return f.get_tensor(key)
 
     def release(self) -> None:

@@ -6,8 +6,8 @@ Each file is ``{"model": sd, "checkpoint_version": 3.0}``; with virtual pipeline
 
 from __future__ import annotations
 
-import pickle
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -15,8 +15,11 @@ import torch
 from torch import Tensor
 
 from converters.common.atomic import fsync_file
+from mm_omni.checkpoint_file import load_torch_file, read_checked
 
 log = logging.getLogger(__name__)
+MM_REMEDY = ("take the previous iter_* directory of the run (write its number into latest_checkpointed_iteration.txt) "
+             "or re-convert the checkpoint with mm-convert hf_to_mm")
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
@@ -79,14 +82,20 @@ def rank_files(tag_dir: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
-def load_rank(path: Path) -> list[dict[str, Tensor]]:
-    """The model chunks of one rank file, memory-mapped (pages are read only when a tensor is used)."""
+def _read_rank_file(path: Path) -> dict:
+    """A rank file, memory-mapped (pages are read only when a tensor is used); a damaged one is named."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return load_torch_file(path, MM_REMEDY, mmap=True)
     except pickle.UnpicklingError:
         # training checkpoints may pickle argparse objects; the file is the user's own local output
         log.warning("%s holds non-tensor objects; loading it with weights_only=False", path)
-        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return read_checked(path, lambda p: torch.load(p, map_location="cpu", weights_only=False, mmap=True),
+                            MM_REMEDY)
+
+
+def load_rank(path: Path) -> list[dict[str, Tensor]]:
+    """The model chunks of one rank file."""
+    payload = _read_rank_file(path)
     if "model" in payload:
         return [payload["model"]]
     keys = sorted((k for k in payload if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))
@@ -97,8 +106,4 @@ def load_rank(path: Path) -> list[dict[str, Tensor]]:
 
 def saved_args(path: Path):
     """The ``args`` a training run saved in a rank file (a dict, or MindSpeed's Namespace), or None."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return payload.get("args")
+    return _read_rank_file(path).get("args")

@@ -15,6 +15,7 @@ from converters.common.mm_reader import MMReader
 from converters.common.mm_writer import cast, write_layout
 from converters.config import HfToMmConfig, MmToHfConfig, ResplitConfig
 from converters.qwen2_5_omni import keymap, plan, spec
+from mm_omni.config.hf_fields import check_thinker_config
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,12 @@ def _progress(items, **kw):
 
 
 def open_mm(path: Path, thinker, cfg=None) -> MMReader:
-    """``cfg``'s ``lora_alpha`` / ``lora_r`` (if any) override a LoRA checkpoint's saved args."""
+    """``cfg``'s ``lora_alpha`` / ``lora_r`` (if any) override a LoRA checkpoint's saved args; its
+    ``lora_load_dir`` (if any) is an adapter-only checkpoint read over ``path``."""
     optional = {plan.TIED_COPY} if keymap.is_tied(thinker) else set()
     return MMReader(path, spec.MODULES, spec.split_kind, spec.mm_meta_state(thinker), optional,
-                    lora_alpha=getattr(cfg, "lora_alpha", None), lora_r=getattr(cfg, "lora_r", None))
+                    lora_alpha=getattr(cfg, "lora_alpha", None), lora_r=getattr(cfg, "lora_r", None),
+                    lora_path=getattr(cfg, "lora_load_dir", None))
 
 
 class Qwen2_5_OmniConverter:
@@ -40,6 +43,7 @@ class Qwen2_5_OmniConverter:
         """Hugging Face checkpoint -> Megatron layout (TP / PP / VPP / per-module TP) + model.json."""
         start = time.perf_counter()
         thinker = cfg.hf_config.thinker
+        check_thinker_config(thinker)  # config values we do not implement fail here, before any tensor is read
         src = HFSource(cfg.hf_config.hf_dir)
         prefix, style = plan.check_hf(src, thinker)
         layout = plan.make_layout(cfg.parallel_config, thinker)
@@ -66,14 +70,24 @@ class Qwen2_5_OmniConverter:
 
     @staticmethod
     def mm_to_hf(cfg: MmToHfConfig) -> None:
-        """Megatron checkpoint (release or iter_*) -> Hugging Face, overlaid on hf_dir's original files."""
+        """Megatron checkpoint (release or iter_*) -> Hugging Face, overlaid on hf_dir's original files
+        (or, with save_lora_as_peft, its LoRA adapters alone as a PEFT adapter for hf_dir's thinker)."""
         start = time.perf_counter()
         thinker = cfg.hf_config.thinker
         src = HFSource(cfg.hf_config.hf_dir)
         prefix, style = plan.check_hf(src, thinker)
-        check_output_dir(cfg.save_hf_dir, cfg.overwrite, "save_hf_dir", sources=(cfg.hf_config.hf_dir, cfg.mm_dir))
+        inputs = (cfg.hf_config.hf_dir, cfg.mm_dir) + ((cfg.lora_load_dir,) if cfg.lora_load_dir else ())
+        check_output_dir(cfg.save_hf_dir, cfg.overwrite, "save_hf_dir", sources=inputs)
         reader = open_mm(cfg.mm_dir, thinker, cfg)  # LoRA adapters, if any, merged into their weights
         plan.check_same_layout(reader.layout, cfg.parallel_config, thinker, reader.tag_dir, "parallel_config")
+        if cfg.save_lora_as_peft:
+            from converters.qwen2_5_omni.lora_export import write_peft
+
+            with atomic_dir(cfg.save_hf_dir) as tmp:
+                n = write_peft(reader, thinker, src, prefix, style, tmp, cfg)
+            log.info("mm_to_hf: %d LoRA adapters of %s -> PEFT adapter %s in %.1fs", n,
+                     reader.lora_tag_dir or reader.tag_dir, cfg.save_hf_dir, time.perf_counter() - start)
+            return
         by_hf = {h: r for r in keymap.rules(thinker) for h in r.hf}
         pending: dict[str, Tensor] = {}  # HF tensors made with a sibling that lives in another shard
 
@@ -109,7 +123,8 @@ class Qwen2_5_OmniConverter:
                                     " pass --cfg.hf_config.hf_dir with the model's config.json")
         thinker = plan.load_thinker_config_text(config_json)
         layout = plan.make_layout(cfg.target_parallel_config, thinker)
-        check_output_dir(cfg.target_dir, cfg.overwrite, "target_dir", sources=(cfg.source_dir,))
+        inputs = (cfg.source_dir,) + ((cfg.lora_load_dir,) if cfg.lora_load_dir else ())
+        check_output_dir(cfg.target_dir, cfg.overwrite, "target_dir", sources=inputs)
         reader = open_mm(cfg.source_dir, thinker, cfg)  # LoRA adapters, if any, merged (a plain checkpoint)
         plan.check_same_layout(reader.layout, cfg.source_parallel_config, thinker, reader.tag_dir,
                                "source_parallel_config")

@@ -1,9 +1,12 @@
 """``--cfg.test_convert_precision``: the converted checkpoint computes what the HF one computes.
 
-Loads transformers' thinker from ``hf_dir`` and our ``OmniModel`` from the converted checkpoint
-(TP shards merged back, so any layout is checked on one CPU process), both fp32, runs the same
-short text-only input (the encoders take their dummy path) and compares the logits. This is the
-one place the converter imports the training stack, and only when the option is on.
+Loads transformers' thinker from ``hf_dir`` and our ``OmniModel`` from the converted checkpoint (TP shards
+merged back, so any layout is checked on one CPU process), both fp32, and runs ONE row holding every modality
+the thinker has (an image, an audio clip, a video) between text ids drawn from outside the special tokens.
+It compares per module: the vision encoder's features (images and video), the audio encoder's, and the
+logits. Positions come from :mod:`mm_omni.models.rope_index` and are given to both models, so the check is
+about the weights. This is the one place the converter imports the training stack, and only when the option
+is on.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 TOLERANCE = 1e-4  # fp32, different kernels (SDPA vs eager softmax order): relative max-abs error
+TEXT_IDS = 8  # text tokens before / between / after the media spans
 
 
 def _init_single_process_megatron() -> None:
@@ -34,8 +38,67 @@ def _init_single_process_megatron() -> None:
         parallel_state.initialize_model_parallel()
 
 
-def check_precision(hf_dir: Path, mm_dir: Path, thinker, seq_len: int = 16) -> float:
-    """Relative max error of our logits vs transformers'; raises above :data:`TOLERANCE`."""
+def _special_ids(thinker) -> set[int]:
+    """Every id the thinker config gives a meaning to (media, their markers, pad/bos/eos of the text model)."""
+    names = ("image_token_index", "video_token_index", "audio_token_index", "audio_start_token_id",
+             "audio_end_token_id", "vision_start_token_id", "vision_end_token_id", "user_token_id")
+    ids = {getattr(thinker, n, None) for n in names}
+    text = thinker.text_config
+    ids |= {getattr(text, n, None) for n in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    return {i for i in ids if isinstance(i, int)}
+
+
+def probe_row(thinker, gen: torch.Generator) -> dict:
+    """One row with an image, an audio clip and a video (random pixels / mel features), and its inputs."""
+    from mm_omni.models.rope_index import audio_token_count, get_rope_index
+
+    vision, audio = thinker.vision_config, thinker.audio_config
+    special = _special_ids(thinker)
+    regular = torch.tensor([i for i in range(min(thinker.text_config.vocab_size, 4096)) if i not in special])
+
+    def text(n: int) -> list[int]:
+        return regular[torch.randint(0, len(regular), (n,), generator=gen)].tolist()
+
+    def marker(name: str) -> list[int]:
+        value = getattr(thinker, name, None)
+        return [value] if isinstance(value, int) else text(1)  # any one token: positions treat it as the marker
+
+    merge = vision.spatial_merge_size
+    grid = torch.tensor([[1, 2 * merge, 2 * merge]])  # one temporal group of 2*merge x 2*merge patches
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    n_patches = int(grid.prod())
+    n_vision_tokens = n_patches // merge**2
+    mel_frames = 100  # one second of audio
+    n_audio_tokens = audio_token_count(mel_frames)
+    ids = (text(TEXT_IDS) + marker("vision_start_token_id") + [thinker.image_token_index] * n_vision_tokens
+           + marker("vision_end_token_id") + text(TEXT_IDS) + marker("audio_start_token_id")
+           + [thinker.audio_token_index] * n_audio_tokens + marker("audio_end_token_id") + text(TEXT_IDS)
+           + marker("vision_start_token_id") + [thinker.video_token_index] * n_vision_tokens
+           + marker("vision_end_token_id") + text(TEXT_IDS))
+    row = dict(
+        input_ids=torch.tensor([ids]),
+        pixel_values=torch.randn(n_patches, patch_dim, generator=gen),
+        image_grid_thw=grid,
+        pixel_values_videos=torch.randn(n_patches, patch_dim, generator=gen),
+        video_grid_thw=grid.clone(),
+        input_features=torch.randn(1, audio.num_mel_bins, mel_frames, generator=gen),
+        feature_attention_mask=torch.ones(1, mel_frames, dtype=torch.long),
+    )
+    row["position_ids"] = get_rope_index(
+        ids, image_token_id=thinker.image_token_index, video_token_id=thinker.video_token_index,
+        audio_token_id=thinker.audio_token_index, image_grid_thw=grid, video_grid_thw=grid,
+        video_second_per_grid=[1.0], audio_seqlens=[mel_frames], spatial_merge_size=merge,
+        position_id_per_seconds=thinker.position_id_per_seconds, seconds_per_chunk=thinker.seconds_per_chunk,
+    ).unsqueeze(1)
+    return row
+
+
+def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def check_precision(hf_dir: Path, mm_dir: Path, thinker) -> float:
+    """Largest per-module relative max error of ours vs transformers'; raises above :data:`TOLERANCE`."""
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
     from converters.qwen2_5_omni.converter import open_mm
@@ -50,14 +113,25 @@ def check_precision(hf_dir: Path, mm_dir: Path, thinker, seq_len: int = 16) -> f
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.endswith("._extra_state") for k in missing):
         raise KeyError(f"converted checkpoint does not fit OmniModel: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, min(thinker.text_config.vocab_size, 1000), (1, seq_len), generator=gen)
-    pos = torch.arange(seq_len).view(1, 1, -1).expand(3, 1, -1)  # text only: the three M-RoPE axes agree
+    row = probe_row(thinker, torch.Generator().manual_seed(0))
+    pixels = torch.cat([row["pixel_values"], row["pixel_values_videos"]])
+    grids = torch.cat([row["image_grid_thw"], row["video_grid_thw"]])
     with torch.no_grad():
-        ref = hf(input_ids=ids, position_ids=pos).logits
-        ours = model(input_ids=ids, position_ids=pos, return_logits=True).logits
-    err = ((ours - ref).abs().max() / ref.abs().max()).item()
-    log.info("test_convert_precision: text logits rel max error %.3g (tolerance %.0e)", err, TOLERANCE)
-    if not err < TOLERANCE:
-        raise AssertionError(f"converted checkpoint's logits differ from transformers': rel err {err:.3g}")
-    return err
+        errors = {
+            "vision encoder (image + video)": _rel(
+                model.image_encoder(pixels, grids),
+                torch.cat(hf.get_image_features(pixels, grids, return_dict=True).pooler_output)),
+            "audio encoder": _rel(
+                model.audio_encoder(row["input_features"], row["feature_attention_mask"].sum(-1)),
+                hf.get_audio_features(row["input_features"], row["feature_attention_mask"],
+                                      return_dict=True).last_hidden_state),
+            "logits (text + image + audio + video)": _rel(
+                model(**row, return_logits=True).logits, hf(**row).logits),
+        }
+    for module, err in errors.items():
+        log.info("test_convert_precision: %s rel max error %.3g (tolerance %.0e)", module, err, TOLERANCE)
+    bad = {m: e for m, e in errors.items() if not e < TOLERANCE}
+    if bad:
+        raise AssertionError("converted checkpoint's outputs differ from transformers': "
+                             + ", ".join(f"{m} rel err {e:.3g}" for m, e in bad.items()))
+    return max(errors.values())

@@ -146,6 +146,9 @@ def build_parser() -> ArgumentParser:
     add("--lora-r", "--lora-rank", dest="lora_r", type=int, default=16)
     add("--lora-alpha", type=float, default=32)
     add("--lora-dropout", type=float, default=0.0)
+    # LoRA checkpoints: saves hold only the trainable parameters; --lora-load DIR resumes them over --load's base
+    add("--lora-load", type=str, default=None)
+    flag("--lora-ckpt-filter")  # MindSpeed's "save only the LoRA weights": what every LoRA save does here
     # speed: CUDA graphs of the encoders' blocks (mm_omni.models.common.cuda_graphs; bench/omni_step.py)
     flag("--encoder-cuda-graphs")
     # kernel flags and model-structure flags: accepted, see the module docstring
@@ -252,9 +255,18 @@ def validate_args(args: argparse.Namespace, world_size: int, model_cfg=None) -> 
 
 def _validate_lora(args: argparse.Namespace) -> None:
     if not args.lora_target_modules:
+        for name, value in (("--lora-load", args.lora_load), ("--lora-ckpt-filter", args.lora_ckpt_filter)):
+            if value:
+                _fail(name, value, "is a LoRA option and LoRA is off: give --lora-target-modules (and --lora-r / "
+                      "--lora-alpha) as the run that trained the adapters")
         if args.given & {"--lora-r", "--lora-rank", "--lora-alpha", "--lora-dropout"}:
             logger.warning("--lora-r/--lora-alpha/--lora-dropout given without --lora-target-modules: no LoRA")
         return
+    if args.lora_load and not args.load:
+        _fail("--lora-load", args.lora_load, "the base weights come from --load: give --load BASE (the checkpoint "
+              "the adapters were trained on)")
+    if args.lora_ckpt_filter:
+        logger.info("--lora-ckpt-filter accepted: with LoRA every save holds only the trainable parameters")
     from mm_omni.lora.targets import LoraTargetError, parse_targets
 
     try:

@@ -1,8 +1,9 @@
 """pydantic schema of MindSpeed-MM's ``model.json`` for Qwen2.5-Omni.
 
 A MindSpeed-MM ``model_7b.json`` loads as it is. Unknown keys are errors (a typo must not be
-silently ignored). Sizes and special-token ids always come from here (or the HF config via
-:func:`from_hf_thinker_config`), never from constants in code.
+silently ignored). Sizes always come from here (or the HF config via :func:`from_hf_thinker_config`),
+never from constants in code; special-token ids come from here or, where model.json omits them, from the
+tokenizer at start-up.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mm_omni.config.hf_fields import HF_ACTIVATIONS, check_thinker_config
+
 PipelineLayers = Union[list[int], list[list[int]]]
+# MindSpeed-MM's activation names plus "gelu_tanh" (the tanh-approximated GELU, transformers'
+# "gelu_pytorch_tanh"); "fast_gelu" is the same approximation in megatron's formula, "gelu" the exact (erf) one.
+ActivationName = Literal["silu", "gelu", "gelu_tanh", "fast_gelu", "quick_gelu"]
 
 
 class _Strict(BaseModel):
@@ -28,12 +34,12 @@ class _ModuleCommon(_Strict):
     hidden_size: int = Field(gt=0)
     ffn_hidden_size: Optional[int] = None
     num_attention_heads: Optional[int] = None
-    gated_linear_unit: bool = False
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    gated_linear_unit: bool = False  # MLP: act(gate) * up when true, act(fc1) otherwise
+    hidden_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
+    attention_dropout: float = Field(default=0.0, ge=0.0, le=1.0)  # on the attention probabilities, training only
     layernorm_epsilon: float = 1e-6
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    activation_func: Literal["silu", "gelu", "fast_gelu", "quick_gelu"] = "silu"
+    activation_func: ActivationName = "silu"
     fp16: bool = False
     bf16: bool = False
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -57,6 +63,16 @@ class _ModuleCommon(_Strict):
         if layers and isinstance(layers[0], int):
             return [list(layers)]  # type: ignore[list-item]
         return [list(chunk) for chunk in layers]  # type: ignore[union-attr]
+
+    @model_validator(mode="after")
+    def _check_activation_fusion(self):
+        if self.bias_activation_fusion and not (self.gated_linear_unit and self.activation_func == "silu"):
+            raise ValueError(
+                f"bias_activation_fusion=true with activation_func={self.activation_func!r} and gated_linear_unit="
+                f"{self.gated_linear_unit}: not supported (only the gated SiLU is fused; megatron's fused GELU is "
+                "the tanh approximation): set bias_activation_fusion to false or remove it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_layer_split(self):
@@ -101,13 +117,20 @@ class AudioEncoderConfig(_ModuleCommon):
     # Whisper: LayerNorm (torch default eps) and GELU; MindSpeed-MM's model_7b.json omits the eps.
     normalization: Literal["RMSNorm", "LayerNorm"] = "LayerNorm"
     layernorm_epsilon: float = 1e-5
-    activation_func: Literal["silu", "gelu", "fast_gelu", "quick_gelu"] = "gelu"
+    activation_func: ActivationName = "gelu"
     d_model: int
     num_mel_bins: int = 128
     max_source_positions: int = 1500
     n_window: int = 100
     scale_embedding: bool = False
     output_dim: int
+
+    @model_validator(mode="after")
+    def _check_scale_embedding(self):
+        if self.scale_embedding:
+            raise ValueError("scale_embedding=true: not supported (transformers' Qwen2.5-Omni audio encoder never "
+                             "applies the scale, nor does ours): set it to false")
+        return self
 
 
 class TextDecoderConfig(_ModuleCommon):
@@ -127,6 +150,8 @@ class TextDecoderConfig(_ModuleCommon):
     mrope_section: list[int] = Field(default_factory=lambda: [16, 24, 24])
     rope_scaling: Optional[dict[str, Any]] = None
     add_qkv_bias: bool = True
+    # transformers' embedding padding_idx: the row of this token id gets no gradient from the lookups
+    pad_token_id: Optional[int] = None
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
     cp: int = Field(default=1, ge=1)
@@ -134,6 +159,34 @@ class TextDecoderConfig(_ModuleCommon):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads  # type: ignore[operator]
+
+    @model_validator(mode="after")
+    def _check_rope(self):
+        """M-RoPE without scaling is what the decoder implements; anything else would be silently ignored."""
+        scaling = self.rope_scaling or {}
+        for key in ("type", "rope_type"):
+            if scaling.get(key) not in (None, "default", "mrope"):
+                raise ValueError(f"rope_scaling={scaling}: {key} {scaling[key]!r} not supported (only M-RoPE "
+                                 "without scaling is implemented): remove rope_scaling or set its type to 'mrope'")
+        unknown = sorted(set(scaling) - {"type", "rope_type", "mrope_section"})
+        if unknown:
+            raise ValueError(f"rope_scaling={scaling}: keys {unknown} not supported (M-RoPE without scaling reads "
+                             "only type and mrope_section): remove them")
+        if "mrope_section" in scaling and list(scaling["mrope_section"]) != self.mrope_section:
+            raise ValueError(f"rope_scaling.mrope_section={scaling['mrope_section']} but mrope_section="
+                             f"{self.mrope_section}: the decoder uses mrope_section; make them equal")
+        if self.num_attention_heads and sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(f"mrope_section={self.mrope_section} sums to {sum(self.mrope_section)} but head_dim / 2 "
+                             f"is {self.head_dim // 2} (hidden_size {self.hidden_size} / num_attention_heads "
+                             f"{self.num_attention_heads} / 2): make the sections add up to {self.head_dim // 2}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_pad_token_id(self):
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id} is outside the vocabulary [0, {self.vocab_size}): "
+                             "use an id of the vocabulary or null")
+        return self
 
 
 class _ParallelSizes(_Strict):
@@ -155,14 +208,18 @@ class OmniModelConfig(_Strict):
     """The whole ``model.json``."""
 
     model_id: str = "qwen2_5vl"
-    img_context_token_id: Optional[int] = None  # MindSpeed-MM's scatter marker; we use the ids below
-    vision_start_token_id: int = 151652
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    audio_token_id: int = 151646
-    audio_start_token_id: int = 151647
-    audio_end_token_id: int = 151648
-    vision_end_token_id: int = 151653
+    # MindSpeed-MM's scatter marker (its <|IMAGE|> or <|VIDEO|> id): we scatter each modality at its own
+    # id below, so it is only checked to be one of the two.
+    img_context_token_id: Optional[int] = None
+    # Special token ids: null (or absent) = read from the tokenizer at start-up (:meth:`with_tokenizer_ids`);
+    # a stated id must equal the tokenizer's. Never defaulted to one checkpoint's ids.
+    vision_start_token_id: Optional[int] = None
+    image_token_id: Optional[int] = None
+    video_token_id: Optional[int] = None
+    audio_token_id: Optional[int] = None
+    audio_start_token_id: Optional[int] = None
+    audio_end_token_id: Optional[int] = None
+    vision_end_token_id: Optional[int] = None
     position_id_per_seconds: int = 25
     seconds_per_chunk: int = 2
     image_encoder: Optional[ImageEncoderBlock] = None
@@ -203,6 +260,51 @@ class OmniModelConfig(_Strict):
         return self
 
 
+    def with_tokenizer_ids(self, tokenizer_ids: dict[str, int], source: str) -> "OmniModelConfig":
+        """This config with every omitted special token id taken from ``tokenizer_ids`` (field -> id).
+
+        A stated id that differs from the tokenizer's is an error naming both: the model would scatter media
+        features at positions the data pipeline never fills.
+        """
+        filled = {}
+        for field in SPECIAL_TOKEN_FIELDS:
+            stated, actual = getattr(self, field), tokenizer_ids[field]
+            if stated is None:
+                filled[field] = actual
+            elif stated != actual:
+                raise ValueError(
+                    f"model.json {field}={stated} but the tokenizer ({source}) gives {actual} for "
+                    f"{SPECIAL_TOKEN_FIELDS[field]}: remove {field} from model.json (it is then read from the "
+                    "tokenizer) or point preprocess_parameters.model_name_or_path at the matching tokenizer"
+                )
+        marker = self.img_context_token_id
+        media = (tokenizer_ids["image_token_id"], tokenizer_ids["video_token_id"])
+        if marker is not None and marker not in media:
+            raise ValueError(
+                f"model.json img_context_token_id={marker} is neither the tokenizer's <|IMAGE|> id {media[0]} nor "
+                f"its <|VIDEO|> id {media[1]} ({source}): remove it (each modality is placed at its own id)"
+            )
+        return self.model_copy(update=filled)
+
+    def require_token_ids(self, *fields: str) -> None:
+        """Raise if any of ``fields`` (default: all special token ids) is still unset."""
+        missing = [f for f in (fields or SPECIAL_TOKEN_FIELDS) if getattr(self, f) is None]
+        if missing:
+            raise ValueError(
+                f"model.json leaves {', '.join(missing)} unset and no tokenizer filled them: pass --mm-data "
+                "(its preprocess_parameters.model_name_or_path names the tokenizer the ids are read from) or "
+                "state the ids in model.json"
+            )
+
+
+# Special token ids of model.json -> the token whose id it is (for messages).
+SPECIAL_TOKEN_FIELDS = {
+    "image_token_id": "<|IMAGE|>", "video_token_id": "<|VIDEO|>", "audio_token_id": "<|AUDIO|>",
+    "vision_start_token_id": "<|vision_bos|>", "vision_end_token_id": "<|vision_eos|>",
+    "audio_start_token_id": "<|audio_bos|>", "audio_end_token_id": "<|audio_eos|>",
+}
+
+
 def load_model_config(path: Union[str, Path]) -> OmniModelConfig:
     """Read and validate a model.json; errors name the file, the field and the fix."""
     path = Path(path)
@@ -215,7 +317,12 @@ def load_model_config(path: Union[str, Path]) -> OmniModelConfig:
 
 
 def from_hf_thinker_config(thinker) -> OmniModelConfig:
-    """Build the model.json for a transformers ``Qwen2_5OmniThinkerConfig`` (no parallel layout)."""
+    """Build the model.json for a transformers ``Qwen2_5OmniThinkerConfig`` (no parallel layout).
+
+    Every field that changes transformers' math is carried over; a value we do not implement is refused
+    first, by name (:func:`mm_omni.config.hf_fields.check_thinker_config`; docs/hf_config_audit.md).
+    """
+    check_thinker_config(thinker)
     text, vision, audio = thinker.text_config, thinker.vision_config, thinker.audio_config
     rope = getattr(text, "rope_parameters", None) or {}
     mrope_section = rope.get("mrope_section") or (getattr(text, "rope_scaling", None) or {}).get(
@@ -228,8 +335,10 @@ def from_hf_thinker_config(thinker) -> OmniModelConfig:
         audio_token_id=thinker.audio_token_index,
         audio_start_token_id=thinker.audio_start_token_id,
         audio_end_token_id=thinker.audio_end_token_id,
-        vision_start_token_id=getattr(thinker, "vision_start_token_id", 151652),
-        vision_end_token_id=getattr(thinker, "vision_end_token_id", 151653),
+        # not declared fields of the HF config: present only when the checkpoint's config.json states them;
+        # otherwise left unset and read from the tokenizer at start-up
+        vision_start_token_id=getattr(thinker, "vision_start_token_id", None),
+        vision_end_token_id=getattr(thinker, "vision_end_token_id", None),
         position_id_per_seconds=thinker.position_id_per_seconds,
         seconds_per_chunk=thinker.seconds_per_chunk,
         image_encoder=ImageEncoderBlock(
@@ -249,7 +358,7 @@ def from_hf_thinker_config(thinker) -> OmniModelConfig:
                 tokens_per_second=getattr(vision, "tokens_per_second", 2),
                 window_attn_size=vision.window_size,
                 fullatt_block_indexes=list(vision.fullatt_block_indexes),
-                activation_func=vision.hidden_act if vision.hidden_act in ("silu", "gelu") else "silu",
+                activation_func=HF_ACTIVATIONS[vision.hidden_act],
                 rope_theta=vision_rope.get("rope_theta", 10000.0),
             ),
             vision_projector=VisionProjectorConfig(
@@ -269,9 +378,9 @@ def from_hf_thinker_config(thinker) -> OmniModelConfig:
                 ffn_hidden_size=audio.encoder_ffn_dim,
                 num_attention_heads=audio.encoder_attention_heads,
                 normalization="LayerNorm",
-                activation_func="gelu",
+                activation_func=HF_ACTIVATIONS[audio.activation_function],
                 add_bias_linear=True,
-                layernorm_epsilon=1e-5,
+                layernorm_epsilon=1e-5,  # transformers' nn.LayerNorm default; no config field
                 num_mel_bins=audio.num_mel_bins,
                 max_source_positions=audio.max_source_positions,
                 n_window=audio.n_window,
@@ -294,8 +403,12 @@ def from_hf_thinker_config(thinker) -> OmniModelConfig:
             untie_embeddings_and_output_weights=not getattr(thinker, "tie_word_embeddings", False),
             layernorm_epsilon=text.rms_norm_eps,
             gated_linear_unit=True,
+            activation_func=HF_ACTIVATIONS[text.hidden_act],
+            attention_dropout=text.attention_dropout,
             add_bias_linear=False,
             add_qkv_bias=True,
             init_method_std=text.initializer_range,
+            # torch's Embedding takes a negative padding_idx as counted from the end
+            pad_token_id=None if text.pad_token_id is None else text.pad_token_id % text.vocab_size,
         ),
     )

@@ -100,15 +100,11 @@ class RowEncoder:
         labels = build_labels(ids, roles, self.tokens, self.assistant_header,
                               self.bp.train_on_prompt, self.bp.mask_history)
         mel_lens = out["feature_attention_mask"].sum(-1) if "feature_attention_mask" in out else None
-        positions = get_rope_index(
-            ids,
-            image_token_id=self.tokens.image, video_token_id=self.tokens.video, audio_token_id=self.tokens.audio,
-            image_grid_thw=out.get("image_grid_thw"), video_grid_thw=out.get("video_grid_thw"),
-            video_second_per_grid=out.get("video_second_per_grid"), audio_seqlens=mel_lens,
-            use_audio_in_video=in_video, spatial_merge_size=self.rope.spatial_merge_size,
-            position_id_per_seconds=self.rope.position_id_per_seconds,
-            seconds_per_chunk=self.rope.seconds_per_chunk,
-        )
+        try:
+            positions = self._positions(ids, out, in_video)
+        except ValueError as exc:  # a placeholder token in the text with no media behind it
+            paths = ", ".join(conv.images + conv.videos + conv.audios) or None
+            raise BadSampleError(conv.dataset, conv.index, str(exc), paths) from None
         n = self._fit_length(conv, ids, labels)
         row: dict[str, Any] = {
             "input_ids": torch.from_numpy(ids[:n].copy()),
@@ -126,6 +122,18 @@ class RowEncoder:
             row["input_features"] = out["input_features"][:, :, :longest].contiguous()
             row["feature_attention_mask"] = out["feature_attention_mask"][:, :longest].contiguous()
         return row
+
+    def _positions(self, ids: np.ndarray, out: dict, in_video: bool) -> torch.Tensor:
+        mel_lens = out["feature_attention_mask"].sum(-1) if "feature_attention_mask" in out else None
+        return get_rope_index(
+            ids,
+            image_token_id=self.tokens.image, video_token_id=self.tokens.video, audio_token_id=self.tokens.audio,
+            image_grid_thw=out.get("image_grid_thw"), video_grid_thw=out.get("video_grid_thw"),
+            video_second_per_grid=out.get("video_second_per_grid"), audio_seqlens=mel_lens,
+            use_audio_in_video=in_video, spatial_merge_size=self.rope.spatial_merge_size,
+            position_id_per_seconds=self.rope.position_id_per_seconds,
+            seconds_per_chunk=self.rope.seconds_per_chunk,
+        )
 
     def _fit_length(self, conv: Conversation, ids: np.ndarray, labels: np.ndarray) -> int:
         """Length to keep: all of it, or a text-only tail cut; raises :class:`TooLongError`."""

@@ -69,6 +69,13 @@ def omni_tokens(processor) -> OmniTokens:
     return OmniTokens(pad=pad, strings=strings, **ids)
 
 
+def model_token_ids(tokens: OmniTokens) -> dict[str, int]:
+    """The tokenizer's special ids under model.json's field names."""
+    return dict(image_token_id=tokens.image, video_token_id=tokens.video, audio_token_id=tokens.audio,
+                vision_start_token_id=tokens.vision_bos, vision_end_token_id=tokens.vision_eos,
+                audio_start_token_id=tokens.audio_bos, audio_end_token_id=tokens.audio_eos)
+
+
 def rope_params(processor, model_name_or_path: Optional[str] = None) -> RopeParams:
     """Time constants from the HF config (thinker_config) when present, else the processor's."""
     # processor attributes in transformers >= 5.2x; before, defaults of its video kwargs (the same 25 and 2.0)

@@ -38,6 +38,13 @@ TINY_SPECIAL_TOKENS = {
     "<|vision_eos|>": 1004, "<|audio_bos|>": 1005, "<|audio_eos|>": 1006, "<|endoftext|>": 1007,
     "<|im_start|>": 1008, "<|im_end|>": 1009, "<|vision_pad|>": 1010,
 }
+# The same tokens at the ids of the released Qwen2.5-Omni tokenizer (below them: unreachable filler entries), for
+# tests that run MindSpeed-MM's model.json files, which state some of these ids.
+QWEN_OMNI_SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|AUDIO|>": 151646,
+    "<|audio_bos|>": 151647, "<|audio_eos|>": 151648, "<|vision_bos|>": 151652, "<|vision_eos|>": 151653,
+    "<|vision_pad|>": 151654, "<|IMAGE|>": 151655, "<|VIDEO|>": 151656,
+}
 # Named tokens the Omni processor reads from the tokenizer (tokenizer.image_token, ...).
 _NAMED = {
     "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
@@ -68,8 +75,8 @@ _CORPUS = (
 )
 
 
-def _tiny_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train a byte-level BPE with Qwen2's pre-tokenizer; pad the vocab to exactly 1000 ids."""
+def _tiny_bpe(size: int = TINY_VOCAB_SIZE) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train a byte-level BPE with Qwen2's pre-tokenizer; pad the vocab to exactly ``size`` ids."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -88,14 +95,18 @@ def _tiny_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     # Unreachable filler entries (no merge produces them) keep the special ids fixed at 1000+.
     k = 0
-    while len(vocab) < TINY_VOCAB_SIZE:
+    while len(vocab) < size:
         vocab[f"<|filler_{k}|>"] = len(vocab)
         k += 1
     return vocab, merges
 
 
-def build_tiny_processor(out_dir: str | Path, image_max_pixels: int = 112 * 112):
-    """Write a tiny ``Qwen2_5OmniProcessor`` into ``out_dir`` and return it (loaded back from disk)."""
+def build_tiny_processor(out_dir: str | Path, image_max_pixels: int = 112 * 112,
+                         special_tokens: dict[str, int] = TINY_SPECIAL_TOKENS):
+    """Write a tiny ``Qwen2_5OmniProcessor`` into ``out_dir`` and return it (loaded back from disk).
+
+    ``special_tokens`` (token -> id) places the special tokens; the regular vocabulary fills the ids below.
+    """
     from transformers import (
         Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor,
     )
@@ -103,13 +114,13 @@ def build_tiny_processor(out_dir: str | Path, image_max_pixels: int = 112 * 112)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _tiny_bpe()
-    vocab.update(TINY_SPECIAL_TOKENS)
+    vocab, merges = _tiny_bpe(min(special_tokens.values()))
+    vocab.update(special_tokens)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         extra_special_tokens=dict(_NAMED), model_max_length=32768,
     )
-    tokenizer.add_tokens([t for t in TINY_SPECIAL_TOKENS if t not in _NAMED.values()], special_tokens=True)
+    tokenizer.add_tokens([t for t in special_tokens if t not in _NAMED.values()], special_tokens=True)
     size = {"shortest_edge": 28 * 28, "longest_edge": image_max_pixels}
     processor = Qwen2_5OmniProcessor(
         image_processor=Qwen2VLImageProcessor(size=size),
@@ -120,7 +131,7 @@ def build_tiny_processor(out_dir: str | Path, image_max_pixels: int = 112 * 112)
     )
     processor.save_pretrained(str(out_dir))
     loaded = Qwen2_5OmniProcessor.from_pretrained(str(out_dir))
-    for token, idx in TINY_SPECIAL_TOKENS.items():
+    for token, idx in special_tokens.items():
         got = loaded.tokenizer.convert_tokens_to_ids(token)
         if got != idx:
             raise RuntimeError(f"tiny tokenizer: {token} got id {got}, expected {idx}")

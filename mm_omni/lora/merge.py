@@ -2,9 +2,11 @@
 
 Merging a tensor-parallel shard is exact on its own, whatever the fused layout: a column-parallel
 shard is ``W_r`` (rows r) with ``B_r`` (the same rows) and the replicated ``A``; a row-parallel shard
-is ``W_r`` (columns r) with the replicated ``B`` and ``A_r`` (the same columns). So a checkpoint is
-merged rank file by rank file, before any TP merge, and fused QKV (rows interleaved per query group)
-or gate/up (``[gate_r; up_r]`` per rank) need no special case: the delta's rows follow ``W``'s.
+is ``W_r`` (columns r) with the replicated ``B`` and ``A_r`` (the same columns). Equally, the global
+``A`` and ``B``, each put together by its own split (:func:`lora_split_kinds`), give the global delta:
+``B``'s rows (or ``A``'s columns) are merged exactly as ``W``'s, so fused QKV (rows interleaved per
+query group) or gate/up (``[gate_r; up_r]`` per rank) need no special case: the delta's rows follow
+``W``'s, and an adapter saved at one TP size merges into a base saved at another.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def lora_keys(base: str) -> tuple[str, str]:
     """``x.weight`` -> (``x.lora_A.weight``, ``x.lora_B.weight``)."""
     stem = base[: -len("weight")]
     return stem + "lora_A.weight", stem + "lora_B.weight"
+
+
+def lora_split_kinds(weight_kind: str) -> tuple[str, str]:
+    """How ``A`` and ``B`` split over TP, given the base weight's split kind (see ``converters.common.tp``):
+    a row-parallel linear (``col``: ``W`` split on its input) splits ``A`` the same way and replicates
+    ``B``; a column-parallel one (``row`` / ``glu``) replicates ``A`` and splits ``B``'s rows like ``W``'s."""
+    return ("col", "rep") if weight_kind == "col" else ("rep", weight_kind)
 
 
 def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:

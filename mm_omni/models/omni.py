@@ -44,6 +44,7 @@ class OmniModel(MegatronModule):
         encoder_parallel=None,
     ):
         get_platform()
+        cfg.require_token_ids("image_token_id", "video_token_id", "audio_token_id")  # the scatter positions
         text_decoder = TextDecoder(cfg.text_decoder, pre_process=pre_process, post_process=post_process,
                                    pg_collection=pg_collection, vp_stage=vp_stage,
                                    config_overrides=text_config_overrides)

@@ -96,7 +96,9 @@ def get_rope_index(
 
     def audio_len(k: int) -> int:
         if audio_seqlens is None or k >= len(audio_seqlens):
-            raise ValueError(f"row has more audio spans than audio_seqlens ({k + 1})")
+            raise ValueError(f"audio placeholder token (id {audio_token_id}) number {k + 1} has no audio: the row "
+                             f"brings {0 if audio_seqlens is None else len(audio_seqlens)} audio(s); remove the "
+                             "stray placeholder from the text or add the audio")
         return audio_token_count(int(audio_seqlens[k]))
 
     cursor = 0
@@ -117,7 +119,12 @@ def get_rope_index(
         else:
             kind = "image" if tok == image_token_id else "video"
             k = take(kind)
-            grid = (image_grid_thw if kind == "image" else video_grid_thw)[k].tolist()
+            grids = image_grid_thw if kind == "image" else video_grid_thw
+            if grids is None or k >= len(grids):
+                raise ValueError(f"{kind} placeholder token (id {int(tok)}) at position {m} has no {kind}: the row "
+                                 f"brings {0 if grids is None else len(grids)} {kind}(s); remove the stray "
+                                 f"placeholder from the text or add the {kind}")
+            grid = grids[k].tolist()
             spg = 1.0 if kind == "image" else float(video_second_per_grid[k])
             vis = _vision_block(grid, spg, position_id_per_seconds, spatial_merge_size) + base
             length = vis.shape[1]

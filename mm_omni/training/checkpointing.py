@@ -10,6 +10,16 @@ Layout (what Megatron and MindSpeed-MM's converter use)::
 chunks), ``"optimizer"``, ``"opt_param_scheduler"``, ``"rng_state"`` (one entry per data-parallel
 rank), ``"iteration"``, ``"consumed_train_samples"``, ``"args"``, ``"checkpoint_version": 3.0``.
 
+With LoRA (``--lora-target-modules``) the base weights are frozen and never change, so a save holds
+only the parameters that train (every one with ``requires_grad``: the adapters, and anything else
+left trainable, so nothing trained is lost) plus everything else above, marked ``"lora_only": True``
+(MindSpeed's ``--lora-ckpt-filter`` checkpoints). Such a checkpoint is resumed with the base from
+``--load`` and the rest from ``--lora-load DIR`` (MindSpeed-MM / ModelLink): the base's weights
+load first, then DIR's trainable parameters, optimizer, scheduler, RNG and data position.
+
+Every file is read through :func:`mm_omni.checkpoint_file.load_torch_file` (``weights_only``): a
+truncated or overwritten file fails naming it, "damaged or truncated", and what to do instead.
+
 Atomic: every rank writes under ``<dir>/.iter_XXXXXXX.tmp`` and fsyncs its files; after a barrier
 rank 0 renames the directory into place and only then replaces ``latest_checkpointed_iteration.txt``
 (write a temp file, fsync, rename). A save interrupted at any point leaves the previous checkpoint
@@ -31,6 +41,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.safe_globals import register_safe_globals
 
+from mm_omni.checkpoint_file import RESUME_REMEDY, load_torch_file
 from mm_omni.training.model_setup import unwrap
 
 logger = logging.getLogger(__name__)
@@ -77,7 +88,10 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
     if dp_rank == 0:
         state = {"iteration": iteration, "consumed_train_samples": consumed_samples,
                  "checkpoint_version": CHECKPOINT_VERSION, "args": _plain_args(args)}
-        state.update(model_state(chunks))
+        lora_only = bool(getattr(args, "lora_target_modules", None))
+        state.update(model_state(chunks, trainable_only=lora_only))
+        if lora_only:
+            state["lora_only"] = True  # the frozen base is not in this file: resume with --load BASE --lora-load
         if not args.no_save_optim:
             state["optimizer"] = optimizer.state_dict()
             state["opt_param_scheduler"] = scheduler.state_dict()
@@ -96,10 +110,20 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
     return final
 
 
-def model_state(chunks) -> dict:
+def model_state(chunks, trainable_only: bool = False) -> dict:
+    """``{"model": state_dict}`` (``model0``, ``model1``... per virtual chunk); with ``trainable_only``
+    just the parameters that require grad (a LoRA run's adapters: the frozen base stays in --load)."""
+    def state(chunk) -> dict:
+        module = unwrap(chunk)
+        sd = module.state_dict()
+        if not trainable_only:
+            return sd
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        return {k: v for k, v in sd.items() if k in trainable}
+
     if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).state_dict()}
-    return {f"model{i}": unwrap(c).state_dict() for i, c in enumerate(chunks)}
+        return {"model": state(chunks[0])}
+    return {f"model{i}": state(c) for i, c in enumerate(chunks)}
 
 
 def _dist_optimizers(optimizer) -> list:
@@ -133,7 +157,7 @@ def _adam_step(opt):
 def _load_dist_param_state(optimizer, path: Path) -> None:
     saved = None
     if parallel_state.get_data_parallel_rank() == 0:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_torch_file(path, RESUME_REMEDY)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     steps = [saved["steps"] if saved is not None else None]
     torch.distributed.broadcast_object_list(steps, src=torch.distributed.get_global_rank(group, 0), group=group)
@@ -206,29 +230,43 @@ def _plain_args(args: argparse.Namespace) -> dict:
 # -- load ----------------------------------------------------------------------------------------
 def load_checkpoint(root, chunks, optimizer, scheduler, args: argparse.Namespace,
                     after_model_load=None) -> tuple[int, int]:
-    """Load ``--load``; return (iteration, consumed samples) to continue from ((0, 0) for a fine-tune start).
+    """Load ``--load`` (and ``--lora-load``); return (iteration, consumed samples) to continue from
+    ((0, 0) for a fine-tune start).
 
+    With ``--lora-load DIR`` ``--load`` gives the base weights only (whatever its tag) and DIR the
+    trainable parameters, then (unless DIR is a release or ``--finetune`` is given) the optimizer,
+    scheduler, RNG and position. A DIR without a checkpoint yet is accepted when it is also ``--save``
+    (the first launch of a script that always passes ``--lora-load $SAVE --save $SAVE``).
     ``after_model_load(chunks)`` runs once the weights are in, before the optimizer's copies follow them.
     """
-    root = Path(root)
-    tag = read_tracker(root)
-    if tag is None:
-        raise FileNotFoundError(f"--load {root}: no {TRACKER} there; give a directory written by --save or mm-convert")
-    release = tag == "release"
-    path = iteration_dir(root, None if release else int(tag)) / _my_rank_dir() / "model_optim_rng.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"--load {root}: {path} is missing (does the checkpoint's TP/PP layout match "
-                                f"--tensor-model-parallel-size {args.tensor_model_parallel_size} / "
-                                f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}?)")
     register_safe_globals()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    _load_model(chunks, state, path)
+    root = Path(root)
+    path, release = _rank_file(root, "--load", args)
+    start = _fresh_start(release, args)
+    state = load_torch_file(path, RESUME_REMEDY)
+    if state.get("lora_only"):
+        raise ValueError(f"--load {root}: {path} holds only the trainable (LoRA) parameters of a run, not its base "
+                         f"weights: give the base checkpoint that run loaded as --load and this directory as "
+                         f"--lora-load {root}")
+    lora_load = getattr(args, "lora_load", None)
+    _load_model(chunks, state, path, adapters_follow=bool(lora_load))
+    if lora_load:
+        found = _rank_file(Path(lora_load), "--lora-load", args, missing_ok=_same_dir(lora_load, args.save))
+        if found is None:
+            logger.info("--lora-load %s holds no checkpoint yet (it is also --save): base weights from %s, the "
+                        "adapters start from their initialisation", lora_load, path)
+            start = "no --lora-load checkpoint yet"  # nothing to resume
+        else:
+            path, release = found
+            start = _fresh_start(release, args)
+            state = load_torch_file(path, RESUME_REMEDY)
+            _load_trainable(chunks, state, path)
+            logger.info("base weights from --load %s, trainable parameters from --lora-load %s", root, path)
     if after_model_load is not None:
         after_model_load(chunks)
-    fresh = release or args.finetune
+    fresh = start is not None
     if fresh:
-        logger.info("loaded model weights from %s (%s): starting at iteration 0", path,
-                    "release" if release else "--finetune")
+        logger.info("loaded model weights from %s (%s): starting at iteration 0", path, start)
     loaded_optim = False
     if not fresh and not args.no_load_optim and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
@@ -247,9 +285,41 @@ def load_checkpoint(root, chunks, optimizer, scheduler, args: argparse.Namespace
     return state["iteration"], state["consumed_train_samples"]
 
 
-def _load_model(chunks, state: dict, path: Path) -> None:
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for key, chunk in zip(keys, chunks):
+def _rank_file(root: Path, flag: str, args: argparse.Namespace,
+               missing_ok: bool = False) -> Optional[tuple[Path, bool]]:
+    """This rank's ``model_optim_rng.pt`` under ``root`` (as the tracker says) and whether it is a release."""
+    tag = read_tracker(root)
+    if tag is None:
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{flag} {root}: no {TRACKER} there; give a directory written by --save or mm-convert")
+    release = tag == "release"
+    if not release and not tag.isdigit():
+        raise ValueError(f"{flag} {root}: {root / TRACKER} says {tag!r}, neither an iteration number nor 'release'; "
+                         f"{RESUME_REMEDY}")
+    path = iteration_dir(root, None if release else int(tag)) / _my_rank_dir() / "model_optim_rng.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {root}: {path} is missing (does the checkpoint's TP/PP layout match "
+                                f"--tensor-model-parallel-size {args.tensor_model_parallel_size} / "
+                                f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}?)")
+    return path, release
+
+
+def _fresh_start(release: bool, args: argparse.Namespace) -> Optional[str]:
+    """Why the run starts at iteration 0 with a fresh optimizer (None: it resumes)."""
+    return "release" if release else "--finetune" if args.finetune else None
+
+
+def _same_dir(a, b) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _chunk_keys(chunks) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _load_model(chunks, state: dict, path: Path, adapters_follow: bool = False) -> None:
+    for key, chunk in zip(_chunk_keys(chunks), chunks):
         if key not in state:
             raise KeyError(f"{path}: no '{key}' entry (found {sorted(state)}); virtual pipeline layout differs?")
         result = unwrap(chunk).load_state_dict(state[key], strict=False)
@@ -257,8 +327,9 @@ def _load_model(chunks, state: dict, path: Path) -> None:
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
         if missing and all(".lora_" in k for k in missing) and not any(".lora_" in k for k in state[key]):
-            logger.info("%s [%s]: a base checkpoint (no LoRA weights): %d LoRA tensors start from their "
-                        "initialisation", path, key, len(missing))
+            if not adapters_follow:
+                logger.info("%s [%s]: a base checkpoint (no LoRA weights): %d LoRA tensors start from their "
+                            "initialisation", path, key, len(missing))
             missing = []
         if unexpected and all(".lora_" in k for k in unexpected):
             raise KeyError(f"{path} [{key}] holds LoRA weights ({unexpected[:2]}...) but this model has no "
@@ -267,6 +338,33 @@ def _load_model(chunks, state: dict, path: Path) -> None:
         if missing or unexpected:
             raise KeyError(f"{path} [{key}] does not match the model: missing {missing[:8]} "
                            f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})")
+
+
+def _load_trainable(chunks, state: dict, path: Path) -> None:
+    """``--lora-load``: every trainable parameter from ``state`` over the base. Each must be there (none
+    may silently keep its initialisation) with its shape, and nothing unknown to the model may be."""
+    for key, chunk in zip(_chunk_keys(chunks), chunks):
+        if key not in state:
+            raise KeyError(f"{path}: no '{key}' entry (found {sorted(state)}); virtual pipeline layout differs?")
+        module, saved = unwrap(chunk), state[key]
+        trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        known = set(module.state_dict())
+        missing = sorted(set(trainable) - set(saved))
+        unexpected = sorted(k for k in saved if k not in known and not k.endswith("_extra_state"))
+        if missing or unexpected:
+            raise KeyError(f"--lora-load: {path} [{key}] does not hold this run's trainable parameters: missing "
+                           f"{missing[:6]} ({len(missing)}), unexpected {unexpected[:6]} ({len(unexpected)}); give "
+                           "the same --lora-target-modules as the run that saved it")
+        shapes = [f"{n} {tuple(saved[n].shape)} vs {tuple(p.shape)}" for n, p in trainable.items()
+                  if saved[n].shape != p.shape]
+        if shapes:
+            raise ValueError(f"--lora-load: {path} [{key}] has other shapes than this model (saved vs model: "
+                             f"{shapes[:3]}): give the same --lora-r and parallel layout as the run that saved it")
+        frozen = len([k for k in saved if k in known and k not in trainable])
+        if frozen:  # a whole (not adapter-only) checkpoint: its frozen weights are the base's business
+            logger.info("--lora-load %s [%s]: %d frozen tensors left out, the base weights come from --load",
+                        path, key, frozen)
+        module.load_state_dict({n: saved[n] for n in trainable}, strict=False)
 
 
 def _set_rng_state(states: list) -> None:

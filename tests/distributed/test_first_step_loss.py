@@ -49,14 +49,50 @@ RUNS = {
     "tp2": ("tp2", [], "micro_batch_mean"),
     "pp2": ("pp2", [], "micro_batch_mean"),
     "tp2_per_token": ("tp2", ["--calculate-per-token-loss"], "per_token"),
+    "mindspeed_model_7b_json": ("pp2", [], "micro_batch_mean"),  # its own checkpoint and data: see below
 }
+MINDSPEED_RUN = "mindspeed_model_7b_json"
 
 
-def _hf_checkpoint(path: Path) -> Path:
+# MindSpeed-MM's own model_7b.json states only img_context_token_id and vision_start_token_id (the released
+# tokenizer's): it runs on a tiny tokenizer with the released ids, a vocabulary of the 7B's 152064, and the
+# tiny thinker's sizes written over the 7B's (and fp32 for the 1e-5 comparison); every other key as shipped.
+QWEN_IDS_THINKER = dict(text={"vocab_size": 152064}, image_token_index=151655, video_token_index=151656,
+                        audio_token_index=151646, audio_start_token_id=151647, audio_end_token_id=151648,
+                        vision_start_token_id=151652, vision_end_token_id=151653)
+SIZE_KEYS = {"num_layers", "hidden_size", "ffn_hidden_size", "intermediate_size", "llm_hidden_size",
+             "num_attention_heads", "num_query_groups", "window_attn_size", "fullatt_block_indexes", "input_size",
+             "d_model", "output_dim", "n_window", "mrope_section", "pipeline_num_layers"}
+DTYPE_KEYS = {"params_dtype": "fp32", "bf16": False, "fp16": False}
+
+
+def _shrunk_mindspeed_model_json(tiny_model_json: Path, out: Path) -> Path:
+    """examples/qwen2.5omni/model_7b.json with the tiny model's sizes (and fp32) written over its own."""
+    import json
+
+    shipped = json.loads((Path(__file__).resolve().parents[2] / "examples/qwen2.5omni/model_7b.json").read_text())
+    tiny = json.loads(tiny_model_json.read_text())
+
+    def shrink(node: dict, small: dict) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                shrink(value, small.get(key) or {})
+            elif key in SIZE_KEYS:
+                node[key] = small[key]
+            elif key in DTYPE_KEYS:
+                node[key] = DTYPE_KEYS[key]
+
+    shrink(shipped, tiny)
+    assert "image_token_id" not in shipped and shipped["vision_start_token_id"] == 151652  # as shipped
+    out.write_text(json.dumps(shipped))
+    return out
+
+
+def _hf_checkpoint(path: Path, **config) -> Path:
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
     torch.manual_seed(0)
-    model = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config()).float()
+    model = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config(**config)).float()
     randomize_(model, 1, scale=0.1)  # away from a near-uniform output, so the loss depends on every input
     model.save_pretrained(path)
     return path
@@ -67,20 +103,34 @@ def first_step(tmp_path_factory):
     from converters.config import HfToMmConfig
     from converters.qwen2_5_omni.converter import Qwen2_5_OmniConverter
 
+    from mm_omni.data.testing import QWEN_OMNI_SPECIAL_TOKENS
+
     d = tmp_path_factory.mktemp("first_step")
     write_omni_data(d, ROWS)
     hf_dir = _hf_checkpoint(d / "hf")
     for name, (pc, _) in LAYOUTS.items():
         Qwen2_5_OmniConverter.hf_to_mm(HfToMmConfig(mm_dir=d / name, hf_config={"hf_dir": hf_dir},
                                                     parallel_config=pc))
-    common = ["--mm-data", str(d / "data.json"), "--seq-length", "512", "--train-iters", "1", "--lr", "0",
+    qd = d / "qwen_ids"
+    qd.mkdir()
+    write_omni_data(qd, ROWS, special_tokens=QWEN_OMNI_SPECIAL_TOKENS)
+    q_hf = _hf_checkpoint(qd / "hf", **QWEN_IDS_THINKER)
+    Qwen2_5_OmniConverter.hf_to_mm(HfToMmConfig(mm_dir=qd / "mm", hf_config={"hf_dir": q_hf},
+                                                parallel_config=LAYOUTS["pp2"][0]))
+    mindspeed_json = _shrunk_mindspeed_model_json(qd / "mm" / "model.json", qd / "model_7b_shrunk.json")
+    common = ["--seq-length", "512", "--train-iters", "1", "--lr", "0",
               "--micro-batch-size", "2", "--global-batch-size", "4", "--log-interval", "1", "--num-workers", "0",
               "--no-load-optim", "--no-load-rng"]
     args = []
     for run, (layout, extra, _) in RUNS.items():
+        if run == MINDSPEED_RUN:
+            args += ["--next", run, "--mm-model", str(mindspeed_json), "--mm-data", str(qd / "data.json"),
+                     "--load", str(qd / "mm"), *common, *LAYOUTS[layout][1], *extra]
+            continue
         mm = d / layout
-        args += ["--next"] * bool(args) + [run, "--mm-model", str(mm / "model.json"), "--load", str(mm),
-                                           *common, *LAYOUTS[layout][1], *extra]
+        args += ["--next"] * bool(args) + [run, "--mm-model", str(mm / "model.json"), "--mm-data",
+                                           str(d / "data.json"), "--load", str(mm), *common,
+                                           *LAYOUTS[layout][1], *extra]
     out = d / "out"
     out.mkdir()
     stdout = run_torchrun(WORKER, 2, str(out), *args)
@@ -88,7 +138,7 @@ def first_step(tmp_path_factory):
     for run, recs in records.items():
         for r in recs:
             assert "error" not in r, f"{run}: {r.get('error')}"
-    return hf_dir, records, stdout
+    return {run: qd / "hf" if run == MINDSPEED_RUN else hf_dir for run in RUNS}, records, stdout
 
 
 def _hf_losses(model, batch, blank_media: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,12 +169,13 @@ def _reference(model, recs: list, mode: str, blank_media: bool = False) -> float
 def test_lr0_first_step_loss_equals_transformers(first_step):
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
-    hf_dir, records, stdout = first_step
+    hf_dirs, records, stdout = first_step
     assert " iteration        1/       1 |" in stdout and "lm loss:" in stdout
-    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    models = {path: Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+              for path in set(hf_dirs.values())}
     seen_rows = set()
     for run, (_, _, mode) in RUNS.items():
-        recs = records[run]
+        recs, model = records[run], models[hf_dirs[run]]
         got = [r["losses"][1] for r in recs if 1 in r["losses"]]
         assert got, f"{run}: no rank reported the loss of iteration 1"
         ref = _reference(model, recs, mode)
@@ -136,4 +187,4 @@ def test_lr0_first_step_loss_equals_transformers(first_step):
         for r in recs:
             for b in r["batches"]:
                 seen_rows.update(tuple(row[m.bool()].tolist()) for row, m in zip(b["input_ids"], b["attention_mask"]))
-    assert len(seen_rows) == len(ROWS), "every row (text, image, audio, image + audio) went through a run"
+    assert len(seen_rows) == 2 * len(ROWS), "every row (text, image, audio, image + audio) went through a run"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -27,8 +28,9 @@ ROWS = [
 ]
 
 
-def write_omni_data(d: Path, rows: list) -> Path:
-    """``d/data.json`` over ``rows`` with the media they name (a.png, b.png, a.wav) and the tiny processor."""
+def write_omni_data(d: Path, rows: list, special_tokens: Optional[dict] = None) -> Path:
+    """``d/data.json`` over ``rows`` with the media they name (a.png, b.png, a.wav) and the tiny processor
+    (its special tokens at ``special_tokens``' ids when given)."""
     from mm_omni.data.testing import build_tiny_processor, tiny_data_config, write_dataset, write_image, write_wav
 
     media = d / "media"
@@ -36,7 +38,7 @@ def write_omni_data(d: Path, rows: list) -> Path:
     write_image(media / "a.png", 56, 56, seed=0)
     write_image(media / "b.png", 84, 56, seed=1)
     write_wav(media / "a.wav", seconds=1.0)
-    build_tiny_processor(d / "processor")
+    build_tiny_processor(d / "processor", **({"special_tokens": special_tokens} if special_tokens else {}))
     data = tiny_data_config(d / "processor", media, write_dataset(d / "rows.json", rows))
     (d / "data.json").write_text(json.dumps(data))
     return d / "data.json"

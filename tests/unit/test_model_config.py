@@ -111,3 +111,33 @@ def test_configs_link_the_example_files(size):
         assert (root / f"configs/qwen2_5_omni_{size}/{name}.json").resolve() == \
             (root / f"examples/qwen2.5omni/{name}_{size}.json").resolve()
     assert load_model_config(root / f"configs/qwen2_5_omni_{size}/model.json")
+
+
+@pytest.mark.parametrize("module,key,value,message", [
+    ("text", "activation_func", "relu", r"activation_func\n  Input should be 'silu', 'gelu', 'gelu_tanh'"),
+    ("projector", "bias_activation_fusion", True,
+     r"bias_activation_fusion=true with activation_func='gelu'.*not supported"),
+    ("text", "rope_scaling", {"type": "yarn", "factor": 4.0}, r"rope_scaling=.*type 'yarn' not supported"),
+    ("text", "rope_scaling", {"type": "mrope", "factor": 4.0}, r"keys \['factor'\] not supported"),
+    ("text", "rope_scaling", {"type": "mrope", "mrope_section": [16, 16, 32]},
+     r"rope_scaling.mrope_section=\[16, 16, 32\] but mrope_section=\[16, 24, 24\]"),
+    ("text", "mrope_section", [16, 24, 16], r"sums to 56 but head_dim / 2 is 64"),
+    ("text", "pad_token_id", 152064, r"pad_token_id=152064 is outside the vocabulary \[0, 152064\)"),
+    ("audio", "scale_embedding", True, r"scale_embedding=true: not supported"),
+    ("text", "attention_dropout", 1.5, r"attention_dropout\n  Input should be less than or equal to 1"),
+])
+def test_unsupported_model_json_values_are_named(tmp_path, model_7b, module, key, value, message):
+    """What model.json states but the models do not implement fails at load, naming the field."""
+    where = {"text": model_7b["text_decoder"], "audio": model_7b["audio_encoder"]["audio_encoder"],
+             "projector": model_7b["image_encoder"]["vision_projector"]}[module]
+    where[key] = value
+    with pytest.raises(ValueError, match=message):
+        load_model_config(_write(tmp_path, model_7b))
+
+
+def test_supported_model_json_values_load(tmp_path, model_7b):
+    model_7b["text_decoder"].update(activation_func="gelu_tanh", pad_token_id=151643,
+                                    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    model_7b["image_encoder"]["vision_encoder"]["bias_activation_fusion"] = True  # gated silu: fusable
+    cfg = load_model_config(_write(tmp_path, model_7b))
+    assert (cfg.text_decoder.activation_func, cfg.text_decoder.pad_token_id) == ("gelu_tanh", 151643)

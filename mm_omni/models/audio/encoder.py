@@ -2,9 +2,10 @@
 
 ``AudioEncoder`` is the omni model's ``audio_encoder``; its ``encoder`` holds the parameters under
 MindSpeed-MM's names (``audio_encoder.encoder.{conv1,conv2,blocks.layers.N...,ln_post,proj,
-audio_bos_eos_token}``). The blocks are megatron-core's ``TransformerBlock`` (pre-LayerNorm, GELU
-MLP with biases, no final norm: ``ln_post`` comes after the pooling). All chunks of all clips go
-through one attention call per layer (``cu_seqlens`` of the chunks).
+audio_bos_eos_token}``). The blocks are megatron-core's ``TransformerBlock`` (pre-LayerNorm, an ungated
+MLP with biases and the config's ``activation_func``, GELU in Qwen2.5-Omni; no final norm: ``ln_post``
+comes after the pooling). All chunks of all clips go through one attention call per layer
+(``cu_seqlens`` of the chunks).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from mm_omni.models.common.transformer_config import megatron_transformer_config
 from mm_omni.platform import get_platform
 
 def audio_transformer_config(cfg: AudioEncoderConfig) -> TransformerConfig:
-    """megatron ``TransformerConfig`` of the audio blocks (Whisper: MHA, LayerNorm, GELU, biases)."""
+    """megatron ``TransformerConfig`` of the audio blocks (Whisper: MHA, LayerNorm, an ungated MLP, biases)."""
     if cfg.hidden_size != cfg.d_model:
         raise ValueError(f"audio_encoder.hidden_size={cfg.hidden_size} must equal d_model={cfg.d_model}")
-    # q and v have biases; k's is a zero slot in the fused QKV (exact, DESIGN §4)
+    # q and v have biases; k's is a slot of the fused QKV bias loaded as zero (transformers' k_proj has none).
+    # A key bias adds q.b to every score of a query alike, so softmax ignores it and its gradient is zero.
     return megatron_transformer_config(cfg, num_query_groups=cfg.num_attention_heads, add_qkv_bias=True)
 
 
@@ -43,7 +45,8 @@ class OmniAudioTransformer(MegatronModule):
             raise ValueError(f"audio_encoder.n_window={cfg.n_window} exceeds max_source_positions="
                              f"{cfg.max_source_positions}: lower n_window")
         self.n_window = cfg.n_window
-        # transformers keeps scale_embedding in the config but never applies it in forward; nor do we
+        # no input scaling: transformers computes scale_embedding's factor but never applies it (model.json
+        # refuses true)
         self.conv1 = torch.nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1, dtype=dtype)
         self.conv2 = torch.nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1, dtype=dtype)
         # fixed, not trained, and not in transformers' state dict either (non-persistent there too)

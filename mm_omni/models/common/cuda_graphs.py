@@ -53,7 +53,7 @@ class _Entry:
 class GraphedBlocks:
     """Per-shape-key CUDA graphs of an encoder's blocks (not an ``nn.Module``: registers no parameters).
 
-    Measured on an H100 (bench/omni_step.py, DESIGN §8 rows): vision encoder fwd+bwd 38-56 ms eager
+    Measured on an H100 (bench/omni_step.py): vision encoder fwd+bwd 38-56 ms eager
     -> 8-9 ms graphed on 1024 patches; audio 35-44 ms -> 5-6 ms on 10 s.
     """
 

@@ -5,8 +5,8 @@ gated linear unit, biases, heads / query groups, dropout, dtype, recompute) map 
 passes what only it knows (``num_query_groups``, ``add_qkv_bias``, ``kv_channels``, parallel sizes)
 as overrides. Fusions that need TransformerEngine / apex kernels (gradient-accumulation fusion, RoPE
 fusion, persistent LayerNorm, masked-softmax fusion) are off: our attention core, norms and rotary
-don't use them, and they would break the CPU mode (DESIGN §5a). megatron's ``torch.compile``d
-bias-dropout-add and bias-SwiGLU (exact math) are on where the platform is CUDA.
+don't use them, and they would break the CPU mode. megatron's ``torch.compile``d bias-dropout-add and
+bias-SwiGLU (exact math) are on where the platform is CUDA; no other activation is ever fused.
 """
 
 from __future__ import annotations
@@ -15,16 +15,35 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from megatron.core.activations import fast_gelu, quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_omni.config.model import _ModuleCommon
 from mm_omni.platform import get_platform
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# transformers' "gelu" (nn.GELU / ACT2FN) is the exact erf GELU, like F.gelu
+
+
+# megatron.core.activations has quick_gelu and fast_gelu with these formulas, but wrapped in
+# torch.compile at import: on a CPU that is a C++ build of ~15 s at the first call. Plain torch here.
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU (transformers' ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def fast_gelu(x: torch.Tensor) -> torch.Tensor:
+    """MindSpeed-MM's / megatron's ``fast_gelu`` (transformers' ``gelu_fast``): tanh GELU in this formula."""
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(1.702 x)`` (transformers' ``quick_gelu``)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# model.json ``activation_func`` -> the function; "gelu" is the exact erf GELU (transformers' nn.GELU / "gelu").
+# A gated MLP applies it as act(gate) * up.
 ACTIVATIONS: dict[str, Callable] = {
-    "silu": F.silu, "gelu": F.gelu, "fast_gelu": fast_gelu, "quick_gelu": quick_gelu,
+    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh, "fast_gelu": fast_gelu, "quick_gelu": quick_gelu,
 }
 
 
@@ -41,8 +60,8 @@ def module_dtype(cfg: _ModuleCommon) -> torch.dtype:
 
 def _fuse_swiglu(cfg: _ModuleCommon) -> bool:
     """megatron's fused (bias +) SwiGLU (a ``torch.compile``d kernel, exact math) on CUDA; model.json's
-    ``bias_activation_fusion: false`` turns it off. GELU stays unfused: megatron's fused GELU is the tanh
-    approximation, not the exact GELU of transformers' models."""
+    ``bias_activation_fusion: false`` turns it off. Every other activation stays unfused: megatron's fused
+    GELU is the tanh approximation (not the exact GELU), and it fuses nothing else we use."""
     if get_platform().name != "cuda" or cfg.bias_activation_fusion is False:
         return False
     return cfg.gated_linear_unit and cfg.activation_func == "silu"

@@ -46,12 +46,8 @@ from mm_omni.platform import get_platform
 
 
 def text_transformer_config(cfg: TextDecoderConfig, **overrides) -> TransformerConfig:
-    """Qwen2 blocks: RMSNorm, SwiGLU, GQA with a QKV bias and no other linear bias."""
-    if cfg.rope_scaling and cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) not in (
-        None, "default", "mrope",
-    ):
-        raise ValueError(f"text_decoder.rope_scaling={cfg.rope_scaling}: only M-RoPE without scaling "
-                         "(type 'mrope' or 'default') is implemented")
+    """Qwen2 blocks: RMSNorm, a gated MLP (SwiGLU in Qwen2.5-Omni), GQA with a QKV bias and no other linear
+    bias. (model.json's schema already refused rope scaling other than plain M-RoPE.)"""
     groups = cfg.num_query_groups if cfg.group_query_attention else cfg.num_attention_heads
     add_bias = (not cfg.disable_bias_linear) if cfg.add_bias_linear is None else cfg.add_bias_linear
     kwargs = dict(
@@ -160,8 +156,19 @@ class TextDecoder(LanguageModule):
         self.decoder.set_input_tensor(input_tensor)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Word embeddings ``[s, b, h]`` (megatron layout) of ``input_ids`` [b, s]; first stage only."""
-        return self.embedding(input_ids=input_ids, position_ids=None)
+        """Word embeddings ``[s, b, h]`` (megatron layout) of ``input_ids`` [b, s]; first stage only.
+
+        With ``pad_token_id`` set, the lookups of that id pass no gradient, so its embedding row gets none
+        from them: torch's ``Embedding(padding_idx=...)``, which transformers builds and megatron's
+        ``VocabParallelEmbedding`` lacks. Masking the lookups (not the row's gradient) keeps what a tied
+        output layer gives that row, and holds on every TP rank: each has the lookups' output after the
+        all-reduce over the vocabulary shards, and the rank owning the row gets the masked gradient.
+        """
+        emb = self.embedding(input_ids=input_ids, position_ids=None)
+        if self.cfg.pad_token_id is None:
+            return emb
+        is_pad = (input_ids == self.cfg.pad_token_id).t()[..., None]  # [s, b, 1]
+        return torch.where(is_pad, emb.detach(), emb)
 
     def forward(
         self,

@@ -54,3 +54,10 @@ def hf_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tied_hf_dir(tmp_path_factory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("hf_tied") / "tiny-tied", seed=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def sane_hf_dir(tmp_path_factory) -> Path:
+    """Initialised weights plus small noise: activations in a trained model's range, so an fp32 comparison of
+    outputs measures the weights, not the chaos of N(0, 1) layers (which amplify fp32 rounding to ~1e-4)."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("hf_sane") / "tiny-sane", seed=2, perturb=0.02)

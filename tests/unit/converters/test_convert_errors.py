@@ -109,3 +109,29 @@ def test_cli_seed_commands_and_help(hf_dir, tmp_path, capsys):
                    "tp_size", "vit_tp_size", "audio_tp_size", "dtype", "overwrite", "test_convert_precision",
                    "source_dir", "target_dir", "target_parallel_config.llm_pp_layers"):
         assert f"--cfg.{option}" in text or f".{option}" in text, option
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_hf_shard_is_named(hf_dir, tmp_path):
+    copy = tmp_path / "hf_copy"
+    shutil.copytree(hf_dir, copy)
+    shard = sorted(copy.glob("*.safetensors"))[0]
+    _truncate(shard)
+    with pytest.raises(RuntimeError, match=rf"{shard}: checkpoint file is damaged or truncated .*re-download or "
+                                           r"re-convert"):
+        hf_to_mm(copy, tmp_path / "mm", GOOD)
+    assert not (tmp_path / "mm").exists()
+
+
+def test_truncated_megatron_rank_file_is_named(hf_dir, tmp_path):
+    mm = hf_to_mm(hf_dir, tmp_path / "mm", GOOD)
+    rank_file = sorted(mm.glob("*/mp_rank_01_001/model_optim_rng.pt"))[0]
+    _truncate(rank_file)
+    with pytest.raises(RuntimeError, match=rf"{rank_file}: checkpoint file is damaged or truncated .*previous "
+                                           r"iter_\* directory"):
+        mm_to_hf(mm, hf_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

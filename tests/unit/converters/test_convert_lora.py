@@ -8,7 +8,10 @@ and once split to TP=2 (A/B shards as the adapters hold them). Then:
 - mm_to_hf of both equals mm_to_hf of a checkpoint merged by hand in the test (fp64 ``W + s B A``);
 - the export loads in transformers' thinker, whose logits on a batch with image, video, audio and
   text rows match our model running with its (unmerged) adapters;
-- resplit of the LoRA checkpoint writes a plain checkpoint equal to the hand-merged one.
+- resplit of the LoRA checkpoint writes a plain checkpoint equal to the hand-merged one;
+- an adapter-only checkpoint (what a LoRA run saves, at TP=2) read over its base (TP=1) exports the same;
+- ``save_lora_as_peft`` writes a PEFT adapter that peft loads into transformers' thinker on hf_dir's
+  weights, giving the merged export's logits.
 """
 
 from __future__ import annotations
@@ -23,20 +26,15 @@ from tests.unit.converters.helpers import hf_to_mm, layout, load_hf, mm_to_hf, r
 ALPHA, R = 8.0, 4
 
 
-def _save(root, ranks: list[dict], args: dict | None) -> None:
+def _save(root, ranks: list[dict], args: dict | None, **extra) -> None:
     for t, sd in enumerate(ranks):
         d = root / "release" / f"mp_rank_{t:02d}"
         d.mkdir(parents=True)
-        payload = {"model": sd, "checkpoint_version": 3.0}
+        payload = {"model": sd, "checkpoint_version": 3.0, **extra}
         if args is not None:
             payload["args"] = args
         torch.save(payload, d / "model_optim_rng.pt")
     (root / "latest_checkpointed_iteration.txt").write_text("release")
-
-
-def _lora_kinds(base_kind: str) -> tuple[str, str]:
-    """(A, B) split kinds: column-parallel -> A replicated, B like W; row-parallel -> A like W, B replicated."""
-    return ("col", "rep") if base_kind == "col" else ("rep", base_kind)
 
 
 def _split_tp2(sd: dict) -> list[dict]:
@@ -44,7 +42,8 @@ def _split_tp2(sd: dict) -> list[dict]:
     for name, t in sd.items():
         if ".lora_" in name:
             base = name.split(".lora_")[0] + ".weight"
-            a_kind, b_kind = _lora_kinds(spec.split_kind(base))
+            # column-parallel: A replicated, B split like W; row-parallel ("col"): A split like W, B replicated
+            a_kind, b_kind = ("col", "rep") if spec.split_kind(base) == "col" else ("rep", spec.split_kind(base))
             kind = a_kind if ".lora_A." in name else b_kind
         else:
             kind = spec.split_kind(name)
@@ -99,6 +98,9 @@ def lora_setup(tmp_path_factory):
     args = {"lora_alpha": ALPHA, "lora_r": R, "lora_target_modules": ["all-linear"]}
     _save(d / "lora_tp1", [sd], args)
     _save(d / "lora_tp2", _split_tp2(sd), args)
+    # a LoRA run's own save: the adapters only (here at TP=2, over the TP=1 base it loaded)
+    _save(d / "adapters_tp2", [{k: v for k, v in r.items() if ".lora_" in k} for r in _split_tp2(sd)], args,
+          lora_only=True)
     # merged by hand, in fp64, then a plain (LoRA-free) checkpoint
     by_hand = {k: v for k, v in sd.items() if ".lora_" not in k}
     for k in sd:
@@ -107,7 +109,7 @@ def lora_setup(tmp_path_factory):
             b = sd[k.replace(".lora_A.", ".lora_B.")]
             by_hand[base] = (sd[base].double() + ALPHA / R * (b.double() @ sd[k].double())).float()
     _save(d / "merged_by_hand", [by_hand], None)
-    return d, hf_dir, thinker, model, by_hand
+    return d, hf_dir, thinker, model, by_hand, base_mm
 
 
 def test_mm_to_hf_merges_lora_like_a_hand_merge(lora_setup):
@@ -129,7 +131,7 @@ def test_export_loads_in_transformers_and_matches_our_lora_model(lora_setup):
     from tests.parity.test_thinker import MODEL_KEYS, hf_positions, make_batch, mm_positions
     from tests.helpers import rel_err
 
-    d, hf_dir, thinker, model, _ = lora_setup
+    d, hf_dir, thinker, model, *_ = lora_setup
     out = d / "hf_lora_tp2"
     if not out.exists():
         mm_to_hf(d / "lora_tp2", hf_dir, out)
@@ -147,9 +149,98 @@ def test_export_loads_in_transformers_and_matches_our_lora_model(lora_setup):
 
 
 def test_resplit_writes_a_merged_plain_checkpoint(lora_setup):
-    d, hf_dir, *_ , by_hand = lora_setup
+    d, hf_dir, *_ , by_hand, _ = lora_setup
     out = resplit(d / "lora_tp2", d / "resplit", layout([[3]], [[4]], [[3]]), hf_config={"hf_dir": hf_dir})
     sd = torch.load(out / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["model"]
     assert set(sd) == set(by_hand)
     for k in sd:
         torch.testing.assert_close(sd[k], by_hand[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_adapter_only_checkpoint_over_its_base_exports_like_a_hand_merge(lora_setup):
+    d, hf_dir, *_, by_hand, base_mm = lora_setup
+    ref = load_hf(mm_to_hf(d / "merged_by_hand", hf_dir, d / "hf_ref_for_adapters"))
+    out = load_hf(mm_to_hf(base_mm, hf_dir, d / "hf_from_adapters", lora_load_dir=d / "adapters_tp2"))
+    assert set(out) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-6, atol=1e-6, msg=k)
+    plain = resplit(base_mm, d / "resplit_adapters", layout([[3]], [[4]], [[3]]), hf_config={"hf_dir": hf_dir},
+                    lora_load_dir=d / "adapters_tp2")
+    sd = torch.load(plain / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["model"]
+    assert set(sd) == set(by_hand)
+    for k in sd:
+        torch.testing.assert_close(sd[k], by_hand[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_adapter_sources_that_cannot_work_fail_naming_the_option(lora_setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d, hf_dir, *_, base_mm = lora_setup
+    with pytest.raises(ValueError, match="holds only LoRA adapters.*--cfg.lora_load_dir"):
+        mm_to_hf(d / "adapters_tp2", hf_dir, tmp_path / "a")
+    with pytest.raises(ValueError, match="adapters itself and lora_load_dir"):
+        mm_to_hf(d / "lora_tp1", hf_dir, tmp_path / "b", lora_load_dir=d / "adapters_tp2")
+    with pytest.raises(ValueError, match="save_lora_as_peft: .* holds no LoRA adapters"):
+        mm_to_hf(base_mm, hf_dir, tmp_path / "c", save_lora_as_peft=True)
+    other = tmp_path / "other_hf"  # another base than the adapters were trained on
+    other.mkdir()
+    (other / "config.json").write_text((hf_dir / "config.json").read_text())
+    for f in hf_dir.glob("*.safetensors"):
+        save_file({k: v + 1e-3 for k, v in load_file(f).items()}, other / f.name, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="save_lora_as_peft: the base weight .* differs"):
+        mm_to_hf(d / "lora_tp1", other, tmp_path / "d", save_lora_as_peft=True)
+
+
+@pytest.mark.parametrize("source", ["combined", "adapters"])
+def test_peft_export_loads_in_peft_and_matches_the_merged_export(lora_setup, source):
+    import warnings
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from tests.helpers import rel_err
+    from tests.parity.test_thinker import MODEL_KEYS, hf_positions, make_batch
+
+    d, hf_dir, thinker, *_, base_mm = lora_setup
+    merged = d / "hf_lora_tp2"
+    if not merged.exists():
+        mm_to_hf(d / "lora_tp2", hf_dir, merged)
+    out = d / f"peft_{source}"
+    if source == "combined":
+        mm_to_hf(d / "lora_tp1", hf_dir, out, save_lora_as_peft=True)
+    else:
+        mm_to_hf(base_mm, hf_dir, out, lora_load_dir=d / "adapters_tp2", save_lora_as_peft=True)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(out / "adapter_model.safetensors")
+    text, vision = "base_model.model.model.language_model.", "base_model.model.model.visual."
+    q, k, v = (f"{text}layers.1.self_attn.{p}_proj.lora_A.weight" for p in "qkv")
+    assert torch.equal(saved[q], saved[k]) and torch.equal(saved[q], saved[v])  # the fused QKV's one A
+    assert saved[q.replace("lora_A", "lora_B")].shape[0] == thinker.text_config.hidden_size  # B split per q/k/v
+    for name in (f"{text}layers.0.mlp.gate_proj.lora_B.weight", f"{vision}blocks.0.attn.q.lora_A.weight",
+                 f"{vision}merger.mlp.0.lora_A.weight", "base_model.model.lm_head.lora_B.weight"):
+        assert name in saved, name
+
+    def batch_inputs(model):
+        return dict(position_ids=hf_positions(model, batch),
+                    **{k: batch[k] for k in MODEL_KEYS if k not in ("use_audio_in_video", "labels")})
+
+    batch = make_batch(thinker)
+    ref_model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()
+    base = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(base, out).eval()
+    assert not [w for w in caught if "adapter keys" in str(w.message)], [str(w.message) for w in caught]
+    loaded = {k: t for k, t in peft_model.state_dict().items() if ".lora_" in k}
+    assert len(loaded) == len(saved)  # every saved tensor found its module, and no module was left without
+    with torch.no_grad():
+        ref = ref_model(**batch_inputs(ref_model)).logits
+        ours = peft_model(**batch_inputs(base)).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(**batch_inputs(base)).logits
+    valid = batch["attention_mask"].bool()
+    print(f"peft vs merged export: rel err {rel_err(ours[valid], ref[valid]):.1e}; "
+          f"base alone: {rel_err(plain[valid], ref[valid]):.1e}")  # shown with -s
+    assert rel_err(ours[valid], ref[valid]) < 1e-5
+    assert rel_err(plain[valid], ref[valid]) > 1e-3  # the adapters matter

@@ -50,6 +50,11 @@ BAD = [
     ({"messages": [{"role": "user", "content": "x"}]}, r"row 1: roles \['user'\]: need user/assistant pairs"),
     ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
      r"row 1: unsupported role 'robot'"),
+    # a placeholder token typed into the text, with no media behind it
+    ({"messages": [{"role": "user", "content": "look: <|IMAGE|>"}, {"role": "assistant", "content": "y"}]},
+     r"row 1: processor rejected the row: Found 1 <\|IMAGE\|> tokens in the text but no images"),
+    ({"messages": [{"role": "user", "content": "hear: <|AUDIO|>"}, {"role": "assistant", "content": "y"}]},
+     r"row 1: processor rejected the row: .*<\|AUDIO\|>"),
 ]
 
 

@@ -135,3 +135,16 @@ def test_train_on_prompt_and_mask_history(processor, processor_dir, media_dir):
     placeholder = (ids == enc.tokens.image) | (ids == enc.tokens.video) | (ids == enc.tokens.audio)
     assert (lab[placeholder] == IGNORE_INDEX).all()
     assert torch.equal(lab[~placeholder], ids[~placeholder])
+
+
+@pytest.mark.parametrize("stray,message", [
+    (1000, r"image placeholder token \(id 1000\) at position 2 has no image: the row brings 0 image"),
+    (1001, r"video placeholder token \(id 1001\) at position 2 has no video: the row brings 0 video"),
+    (1002, r"audio placeholder token \(id 1002\) number 1 has no audio: the row brings 0 audio"),
+])
+def test_stray_placeholder_id_is_named(stray, message):
+    """Token ids that reach the position code directly (not through the processor) with no media behind."""
+    from mm_omni.models.rope_index import get_rope_index
+
+    with pytest.raises(ValueError, match=message):
+        get_rope_index([5, 6, stray, 7], image_token_id=1000, video_token_id=1001, audio_token_id=1002)

@@ -45,3 +45,21 @@ def test_bad_targets_fail_naming_them(target, match):
 
     with pytest.raises(LoraTargetError, match=match):
         add_lora_from_args([_model(freeze_vision=True)], _args(target))
+
+
+def test_checkpoint_size_formula_counts_what_the_model_holds():
+    """mm_omni.lora.sizes (the 7B numbers in the README) on the tiny model: its LoRA count is the
+    adapters' count exactly, its base count transformers' thinker (ours adds the fused QKV bias's
+    key slice, zero, per audio layer)."""
+    from mm_omni.lora import sizes
+    from mm_omni.lora.inject import add_lora_from_args
+
+    cfg = tiny_thinker_config()
+    model = _model(freeze_vision=False)
+    base = sum(p.numel() for p in model.parameters())
+    assert base == sizes.thinker_params(cfg) + cfg.audio_config.encoder_layers * cfg.audio_config.d_model
+    add_lora_from_args([model], _args(*(f"text_decoder.{t}" for t in sizes.TEXT_LINEARS)))
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert lora == sizes.text_lora_params(cfg.text_config, r=2) > 0
+    seven_b = sizes.checkpoint_bytes(sizes.qwen2_5_omni_7b_thinker(), r=8)
+    assert seven_b["lora_params"] == 28 * 8 * ((3584 + 4608) + (3584 + 3584) + (3584 + 2 * 18944) + (18944 + 3584))

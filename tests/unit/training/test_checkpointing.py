@@ -119,3 +119,25 @@ def test_half_precision_trains_close_to_fp32(precision):
     half = train([precision])
     for k in fp32.losses:
         assert abs(half.losses[k] - fp32.losses[k]) < 2e-2 * fp32.losses[k]
+
+
+@pytest.mark.parametrize("name", ["model_optim_rng.pt", "distrib_optim.pt"])
+def test_truncated_checkpoint_file_is_named_with_the_remedy(tmp_path, name):
+    from mm_omni.checkpoint_file import RESUME_REMEDY, DamagedCheckpointError
+
+    flags = ["--use-distributed-optimizer"]
+    train(flags + ["--train-iters", "2", "--save", str(tmp_path)])
+    path = tmp_path / "iter_0000002" / "mp_rank_00" / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a save cut off half way (full disk, killed copy)
+    with pytest.raises(DamagedCheckpointError) as err:
+        train(flags + ["--train-iters", "3", "--load", str(tmp_path)])
+    message = str(err.value)
+    assert str(path) in message and "damaged or truncated" in message and RESUME_REMEDY in message
+
+
+def test_unreadable_tracker_is_named(tmp_path):
+    train(["--train-iters", "1", "--save", str(tmp_path)])
+    (tmp_path / checkpointing.TRACKER).write_text("iter_1")
+    with pytest.raises(ValueError, match="latest_checkpointed_iteration.txt says 'iter_1'"):
+        train(["--load", str(tmp_path)])

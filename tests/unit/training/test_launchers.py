@@ -23,6 +23,21 @@ json.dump(sys.argv[1:], open(os.environ["TORCHRUN_ARGS_OUT"], "w"))
 """
 
 
+@pytest.fixture(scope="module")
+def launch_root(tmp_path_factory) -> Path:
+    """A directory laid out like the repository root for the launchers' relative paths: ``examples/`` and the
+    data JSONs' ``ckpt/hf_path/Qwen2.5-Omni-{7B,3B}``, a tiny processor with the released tokenizer's special
+    ids (start-up reads the ids model.json omits from it and checks the ones it states)."""
+    from mm_omni.data.testing import QWEN_OMNI_SPECIAL_TOKENS, build_tiny_processor
+
+    root = tmp_path_factory.mktemp("launch_root")
+    (root / "examples").symlink_to(REPO / "examples")
+    hf = root / "ckpt" / "hf_path"
+    build_tiny_processor(hf / "Qwen2.5-Omni-7B", special_tokens=QWEN_OMNI_SPECIAL_TOKENS)
+    (hf / "Qwen2.5-Omni-3B").symlink_to(hf / "Qwen2.5-Omni-7B")
+    return root
+
+
 def launch(tmp_path: Path, script: str, extra: tuple = (), **env) -> list[str]:
     """Run ``script`` with a recording ``torchrun`` first on PATH; return torchrun's arguments."""
     bin_dir = tmp_path / "bin"
@@ -47,15 +62,17 @@ def split(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 @pytest.mark.parametrize("size,vocab,pp_layers", [("7b", "152064", [11, 17]), ("3b", "151936", [14, 22])])
-def test_launcher_flags_parse_and_validate(tmp_path, monkeypatch, caplog, size, vocab, pp_layers):
+def test_launcher_flags_parse_and_validate(tmp_path, launch_root, monkeypatch, caplog, size, vocab, pp_layers):
     from mm_omni.training.omni_task import pipeline_overrides
 
     torchrun, flags = split(launch(tmp_path, f"finetune_qwen2_5_omni_{size}.sh"))
     assert torchrun == {"--nproc_per_node": "8", "--nnodes": "1", "--node_rank": "0", "--master_addr": "localhost",
                         "--master_port": "6000"}
-    monkeypatch.chdir(REPO)  # the launcher's paths are relative to the repository root
+    monkeypatch.chdir(launch_root)  # the launcher's paths are relative to the repository root
     monkeypatch.setenv("WORLD_SIZE", "8")
     args, model_cfg = prepare_args(flags)
+    assert (model_cfg.image_token_id, model_cfg.audio_token_id, model_cfg.vision_start_token_id) == (
+        151655, 151646, 151652)  # the first two read from the tokenizer, the third as model_7b.json states
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size) == (1, 2, 4)
     assert (args.global_batch_size, args.num_microbatches) == (192, 48)  # MBS 1 x 48 grad-acc steps x DP 4
     assert args.mm_model.endswith(f"model_{size}.json") and args.mm_data.endswith(f"data_{size}.json")
@@ -71,14 +88,14 @@ def test_launcher_flags_parse_and_validate(tmp_path, monkeypatch, caplog, size, 
     assert theirs <= ours, sorted(theirs - ours)
 
 
-def test_launcher_multi_node_and_overrides(tmp_path, monkeypatch):
+def test_launcher_multi_node_and_overrides(tmp_path, launch_root, monkeypatch):
     torchrun, flags = split(launch(
         tmp_path, "finetune_qwen2_5_omni_7b.sh", GPUS_PER_NODE="4", NNODES="2", NODE_RANK="1",
         MASTER_ADDR="10.0.0.1", MASTER_PORT="29501", TP="2", PP="2", MBS="2", GRAD_ACC_STEP="3",
         LOAD_PATH="ckpt/mine", SAVE_PATH="out/mine", MM_TOOL="tools.json"))
     assert torchrun == {"--nproc_per_node": "4", "--nnodes": "2", "--node_rank": "1", "--master_addr": "10.0.0.1",
                         "--master_port": "29501"}
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(launch_root)
     monkeypatch.setenv("WORLD_SIZE", "8")
     args, _ = prepare_args(flags)
     assert (args.tensor_model_parallel_size, args.data_parallel_size, args.micro_batch_size) == (2, 2, 2)
