@@ -1,6 +1,6 @@
 """Inputs for a ``mm_omni.train`` speed run at Qwen2.5-Omni 7B widths (random init; nothing downloaded).
 
-Writes into ``--out``: the tiny processor (``mm_omni.data.testing``), 448x448 images and 10 s WAVs, a
+Writes into ``--out``: the tiny processor (``tests.fixtures``), 448x448 images and 10 s WAVs, a
 dataset of image + audio + long-text rows, ``data.json`` (pixel caps raised to 448x448, so an image
 is 256 merged tokens) and ``model.json`` at 7B widths whose special token ids are the tiny
 processor's. ``--depth reduced`` is DESIGN §8's depth (text 4, vision 8, audio 8); ``full`` is the
@@ -41,8 +41,9 @@ def main() -> None:
                              "tokens, the row of the context-parallel memory run")
     args = parser.parse_args()
     from mm_omni.config.model import from_hf_thinker_config
-    from mm_omni.data.testing import (_CORPUS, build_tiny_processor, tiny_data_config, write_dataset, write_image,
-                                      write_video, write_wav)
+    from tests.fixtures.tokenizer import CORPUS as _CORPUS
+    from tests.fixtures.qwen2_5_omni import build_tiny_processor, tiny_data_config
+    from tests.fixtures.media import write_dataset, write_image, write_video, write_wav
 
     out = Path(args.out)
     media = out / "media"

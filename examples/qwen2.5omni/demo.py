@@ -34,6 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))  # tests.fixtures: the tiny processor and media writers
 
 # A thinker small enough to train in seconds on a CPU; special token ids = the tiny processor's.
 TEXT = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -102,7 +103,7 @@ def build_hf_model(hf_dir: Path) -> None:
     import transformers
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
-    from mm_omni.data.testing import TINY_SPECIAL_TOKENS, build_tiny_processor
+    from tests.fixtures.qwen2_5_omni import TINY_SPECIAL_TOKENS, build_tiny_processor
 
     transformers.logging.set_verbosity_error()  # the tiny vocabulary trips token-range warnings
     ids = TINY_SPECIAL_TOKENS
@@ -124,7 +125,7 @@ def build_hf_model(hf_dir: Path) -> None:
 
 
 def build_data(root: Path, hf_dir: Path) -> Path:
-    from mm_omni.data.testing import write_image, write_video, write_wav
+    from tests.fixtures.media import write_image, write_video, write_wav
 
     media = root / "data"
     media.mkdir(parents=True, exist_ok=True)

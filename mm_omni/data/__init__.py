@@ -1,7 +1,7 @@
 """Data pipeline: formats -> template -> media -> tokens/labels/positions -> collate/pack.
 
 Entry points: :func:`mm_omni.config.data.load_data_config`, :class:`OmniSFTDataset`,
-:func:`build_dataloader`; :mod:`mm_omni.data.testing` builds a tiny local processor and media.
+:func:`build_dataloader`.
 """
 
 from mm_omni.data.builder import build_dataloader

@@ -103,7 +103,7 @@ def first_step(tmp_path_factory):
     from converters.config import HfToMmConfig
     from converters.qwen2_5_omni.converter import Qwen2_5_OmniConverter
 
-    from mm_omni.data.testing import QWEN_OMNI_SPECIAL_TOKENS
+    from tests.fixtures.qwen2_5_omni import QWEN_OMNI_SPECIAL_TOKENS
 
     d = tmp_path_factory.mktemp("first_step")
     write_omni_data(d, ROWS)

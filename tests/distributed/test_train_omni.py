@@ -31,7 +31,8 @@ ROWS = [
 def write_omni_data(d: Path, rows: list, special_tokens: Optional[dict] = None) -> Path:
     """``d/data.json`` over ``rows`` with the media they name (a.png, b.png, a.wav) and the tiny processor
     (its special tokens at ``special_tokens``' ids when given)."""
-    from mm_omni.data.testing import build_tiny_processor, tiny_data_config, write_dataset, write_image, write_wav
+    from tests.fixtures.qwen2_5_omni import build_tiny_processor, tiny_data_config
+    from tests.fixtures.media import write_dataset, write_image, write_wav
 
     media = d / "media"
     media.mkdir()

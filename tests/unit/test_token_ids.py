@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mm_omni.config.model import SPECIAL_TOKEN_FIELDS, from_hf_thinker_config
-from mm_omni.data.testing import tiny_data_config
+from tests.fixtures.qwen2_5_omni import tiny_data_config
 from mm_omni.train import prepare_args
 from tests.conftest import tiny_thinker_config
 
@@ -27,7 +27,7 @@ def _model_json(tmp_path, **top) -> str:
 
 @pytest.fixture(scope="module")
 def data_json(tmp_path_factory):
-    from mm_omni.data.testing import build_tiny_processor
+    from tests.fixtures.qwen2_5_omni import build_tiny_processor
 
     d = tmp_path_factory.mktemp("ids")
     build_tiny_processor(d / "processor")

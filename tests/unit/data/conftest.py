@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mm_omni.data.testing import build_tiny_processor, write_image, write_video, write_wav
+from tests.fixtures.qwen2_5_omni import build_tiny_processor
+from tests.fixtures.media import write_image, write_video, write_wav
 
 
 @pytest.fixture(scope="session")

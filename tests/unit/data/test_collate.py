@@ -11,7 +11,7 @@ from mm_omni.data.collate import OmniCollator
 from mm_omni.data.encode import RowEncoder
 from mm_omni.data.formats import normalise_row
 from mm_omni.data.template import IGNORE_INDEX
-from mm_omni.data.testing import hf_rope_index, tiny_data_config
+from tests.fixtures.qwen2_5_omni import hf_rope_index, tiny_data_config
 
 ROWS = [
     {"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "A cat."}],

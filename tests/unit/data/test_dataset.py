@@ -12,7 +12,8 @@ from mm_omni.data import build_dataloader
 from mm_omni.data.dataset import OmniSFTDataset
 from mm_omni.data.encode import RowEncoder
 from mm_omni.data.template import IGNORE_INDEX
-from mm_omni.data.testing import tiny_data_config, write_dataset
+from tests.fixtures.qwen2_5_omni import tiny_data_config
+from tests.fixtures.media import write_dataset
 
 GOOD = {"messages": [{"role": "user", "content": "<image>What is in this image?"},
                      {"role": "assistant", "content": "A cat."}], "images": ["a.png"]}

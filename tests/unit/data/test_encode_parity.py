@@ -14,7 +14,7 @@ from mm_omni.data.formats import normalise_row
 from mm_omni.data.media import load_audio, load_audio_track, load_image, load_video
 from mm_omni.data.template import IGNORE_INDEX
 
-from mm_omni.data.testing import IMAGE_PIXELS, MIN_PIXELS, VIDEO_PIXELS, hf_rope_index, tiny_data_config as make_config
+from tests.fixtures.qwen2_5_omni import IMAGE_PIXELS, MIN_PIXELS, VIDEO_PIXELS, hf_rope_index, tiny_data_config as make_config
 
 ROWS = {
     "image": {"messages": [{"role": "user", "content": "<image>What is in this image?"},

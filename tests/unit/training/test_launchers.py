@@ -28,7 +28,7 @@ def launch_root(tmp_path_factory) -> Path:
     """A directory laid out like the repository root for the launchers' relative paths: ``examples/`` and the
     data JSONs' ``ckpt/hf_path/Qwen2.5-Omni-{7B,3B}``, a tiny processor with the released tokenizer's special
     ids (start-up reads the ids model.json omits from it and checks the ones it states)."""
-    from mm_omni.data.testing import QWEN_OMNI_SPECIAL_TOKENS, build_tiny_processor
+    from tests.fixtures.qwen2_5_omni import QWEN_OMNI_SPECIAL_TOKENS, build_tiny_processor
 
     root = tmp_path_factory.mktemp("launch_root")
     (root / "examples").symlink_to(REPO / "examples")

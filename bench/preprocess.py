@@ -1,6 +1,6 @@
 """Preprocessing throughput (rows/s) of image, audio and video rows on the tiny processor.
 
-``python -m mm_omni.data.bench_preprocess [--rows 40] [--size 448]``: encodes rows one by one in
+``python bench/preprocess.py [--rows 40] [--size 448]``: encodes rows one by one in
 this process (what one data worker does) and logs rows/s per modality.
 """
 
@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: mm_omni and tests.fixtures
+
 from mm_omni.config.data import load_data_config
 from mm_omni.data.encode import RowEncoder
 from mm_omni.data.formats import normalise_row
-from mm_omni.data.testing import build_tiny_processor, tiny_data_config, write_image, write_video, write_wav
+from tests.fixtures.qwen2_5_omni import build_tiny_processor, tiny_data_config
+from tests.fixtures.media import write_image, write_video, write_wav
 
 logger = logging.getLogger("bench_preprocess")
 
