@@ -42,7 +42,7 @@ SMOKE_KINDS = [([112], 3.0), ([28, 28, 28, 28], 1.0), ([56, 56], 2.0), ([28], 0.
 
 def write_inputs(out: Path, rows: int, tp: int, smoke: bool) -> None:
     """Media, processor, data.json and the two model.json files (rank 0; the others wait for ``ready``)."""
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from tests.fixtures.tokenizer import CORPUS as _CORPUS
     from tests.fixtures.qwen2_5_omni import build_tiny_processor, tiny_data_config
     from tests.fixtures.media import write_dataset, write_image, write_wav

@@ -40,7 +40,7 @@ def main() -> None:
                              "(use_audio_in_video; the feature extractor keeps its first 30 s of audio): 120 s is ~32.0k "
                              "tokens, the row of the context-parallel memory run")
     args = parser.parse_args()
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from tests.fixtures.tokenizer import CORPUS as _CORPUS
     from tests.fixtures.qwen2_5_omni import build_tiny_processor, tiny_data_config
     from tests.fixtures.media import write_dataset, write_image, write_video, write_wav

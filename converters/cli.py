@@ -15,18 +15,22 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from converters.qwen2_5_omni.converter import Qwen2_5_OmniConverter
+from mm_omni.registry import families
 
-CONVERTERS = {"Qwen2_5_OmniConverter": Qwen2_5_OmniConverter}
+
+def converters() -> dict:
+    """``<Converter name> -> class`` of every registered model family (mm_omni.registry)."""
+    return {family.converter: family.load("converter") for family in families()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import jsonargparse
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # a dict of components keeps MindSpeed-MM's "mm-convert <Converter> <command>" form even with one converter
-    jsonargparse.CLI(CONVERTERS, args=None if argv is None else list(argv),
-                     description="Convert Qwen2.5-Omni checkpoints between Hugging Face and Megatron layouts.")
+    # a dict of components keeps MindSpeed-MM's "mm-convert <Converter> <command>" form
+    jsonargparse.CLI(converters(), args=None if argv is None else list(argv),
+                     description="Convert checkpoints of the registered model families between Hugging Face and "
+                                 "Megatron layouts.")
 
 
 if __name__ == "__main__":

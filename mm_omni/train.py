@@ -29,9 +29,10 @@ def prepare_args(argv: Optional[Sequence[str]] = None):
     args = parse_args(argv)
     model_cfg = None
     if args.mm_model:
-        from mm_omni.config.model import load_model_config
+        from mm_omni.registry import load_model_config
 
-        model_cfg = load_model_config(args.mm_model)
+        family, model_cfg = load_model_config(args.mm_model)  # the family is chosen by model.json's model_id keys
+        args.model_family = family.name
         if args.mm_data:
             model_cfg = _token_ids_from_tokenizer(model_cfg, args.mm_data)
         chunks = len(model_cfg.text_decoder.stage_layers())
@@ -54,20 +55,23 @@ def prepare_args(argv: Optional[Sequence[str]] = None):
 def _token_ids_from_tokenizer(model_cfg, data_path: str):
     """Fill model.json's omitted special token ids from the data's tokenizer; a stated id must agree with it."""
     from mm_omni.config.data import load_data_config
-    from mm_omni.data.processor import load_processor, model_token_ids, omni_tokens
+    from mm_omni.registry import for_template
 
-    tokenizer_dir = load_data_config(data_path).dataset_param.preprocess_parameters.model_name_or_path
+    data_cfg = load_data_config(data_path)
+    tokenizer_dir = data_cfg.dataset_param.preprocess_parameters.model_name_or_path
+    template = for_template(data_cfg.dataset_param.basic_parameters.template, data_path).load("template")
     try:
-        tokens = omni_tokens(load_processor(tokenizer_dir))
+        tokens = template.special_tokens(template.load_processor(tokenizer_dir))
     except (OSError, ValueError) as err:
         raise ValueError(f"--mm-data {data_path}: cannot load the processor/tokenizer of "
                          f"preprocess_parameters.model_name_or_path={tokenizer_dir!r}: {err}") from None
-    return model_cfg.with_tokenizer_ids(model_token_ids(tokens), source=tokenizer_dir)
+    return model_cfg.with_tokenizer_ids(template.model_token_ids(tokens), source=tokenizer_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None, task_factory: Optional[Callable] = None,
          keep_process_group: bool = False):
-    """Run training; ``task_factory(args, model_cfg)`` gives the model + data (default: the omni task).
+    """Run training; ``task_factory(args, model_cfg)`` gives the model + data (default: the task of the
+    model.json's family, :mod:`mm_omni.registry`).
 
     ``keep_process_group`` leaves torch.distributed up afterwards (several runs in one launch: tests).
     """
@@ -84,7 +88,11 @@ def main(argv: Optional[Sequence[str]] = None, task_factory: Optional[Callable] 
 
     initialize_distributed(args)
     if task_factory is None:
-        from mm_omni.training.omni_task import omni_task as task_factory
+        from mm_omni.registry import by_name
+
+        if model_cfg is None:
+            raise SystemExit("--mm-model is required: the model.json to train (its model_id picks the model family)")
+        task_factory = by_name(args.model_family).load("task")
     task = task_factory(args, model_cfg)
     try:
         return train(args, task)

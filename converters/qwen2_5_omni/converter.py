@@ -15,7 +15,7 @@ from converters.common.mm_reader import MMReader
 from converters.common.mm_writer import cast, write_layout
 from converters.config import HfToMmConfig, MmToHfConfig, ResplitConfig
 from converters.qwen2_5_omni import keymap, plan, spec
-from mm_omni.config.hf_fields import check_thinker_config
+from mm_omni.models.qwen2_5_omni.hf_fields import check_thinker_config
 
 log = logging.getLogger(__name__)
 

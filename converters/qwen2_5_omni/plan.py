@@ -95,7 +95,7 @@ def source_name(name: str, thinker) -> str:
 
 def model_json(thinker, layout: Layout) -> dict:
     """MindSpeed-MM's model.json for this architecture, with the layout written."""
-    from mm_omni.config.model import from_hf_thinker_config  # pure pydantic: safe on a CPU box
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 
     cfg = from_hf_thinker_config(thinker)
     def pnl(module):

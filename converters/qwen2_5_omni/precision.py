@@ -102,7 +102,7 @@ def check_precision(hf_dir: Path, mm_dir: Path, thinker) -> float:
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
     from converters.qwen2_5_omni.converter import open_mm
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.omni import OmniModel
 
     _init_single_process_megatron()

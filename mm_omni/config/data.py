@@ -51,7 +51,7 @@ class PreprocessParameters(_Strict):
 
 
 class BasicParameters(_Strict):
-    template: Literal["qwen2_omni"] = "qwen2_omni"
+    template: str = "qwen2_omni"  # a registered family's template (mm_omni.registry): qwen2_omni, qwen2vl, ...
     dataset_dir: str = "."
     dataset: str
     cache_dir: Optional[str] = None
@@ -71,6 +71,14 @@ class BasicParameters(_Strict):
     packing: Optional[bool] = None
     default_system: Optional[str] = None
     on_bad_sample: Literal["error", "skip"] = "error"
+
+    @field_validator("template")
+    @classmethod
+    def _registered_template(cls, name: str) -> str:
+        from mm_omni.registry import for_template
+
+        for_template(name)  # raises, listing the registered templates
+        return name
 
     @field_validator("dataset")
     @classmethod

@@ -16,9 +16,8 @@ import torch
 from mm_omni.config.data import DataConfig
 from mm_omni.data.formats import BadSampleError, Conversation
 from mm_omni.data.media import MediaError, has_audio_track, load_audio, load_audio_track, load_image, load_video
-from mm_omni.data.processor import load_processor, omni_tokens, rope_params, run_processor
-from mm_omni.data.template import IGNORE_INDEX, build_labels, media_order, render
-from mm_omni.models.rope_index import get_rope_index
+from mm_omni.data.processor import run_processor
+from mm_omni.data.template import IGNORE_INDEX, ChatTemplate, build_labels, media_order
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +38,16 @@ class RowEncoder:
         self._setup()
 
     def _setup(self) -> None:
+        from mm_omni.registry import for_template
+
+        self.template: ChatTemplate = for_template(self.bp.template).load("template")
         if self._processor is None:
-            self._processor = load_processor(self.pp.model_name_or_path)
-        self.tokens = omni_tokens(self._processor)
-        self.rope = rope_params(self._processor, self.pp.model_name_or_path)
+            self._processor = self.template.load_processor(self.pp.model_name_or_path)
+        self.tokens = self.template.special_tokens(self._processor)
+        self.rope = self.template.rope_params(self._processor, self.pp.model_name_or_path)
+        if self.pp.use_audio_in_video and "audio" not in self.template.media:
+            raise ValueError(f"preprocess_parameters.use_audio_in_video=true but template {self.template.name!r} reads "
+                             "no audio: set it to false")
         self.assistant_header = self._processor.tokenizer("assistant\n", add_special_tokens=False)["input_ids"]
 
     def __getstate__(self):  # processors are rebuilt in worker processes, not pickled
@@ -77,6 +82,11 @@ class RowEncoder:
         return images, videos, audios, tracks
 
     def encode(self, conv: Conversation) -> dict[str, Any]:
+        unread = [kind for kind, paths in (("image", conv.images), ("video", conv.videos), ("audio", conv.audios))
+                  if paths and kind not in self.template.media]
+        if unread:
+            raise BadSampleError(conv.dataset, conv.index, f"template {self.template.name!r} reads no "
+                                 f"{' or '.join(unread)} (it takes {', '.join(self.template.media)})")
         images, videos, audios, tracks = self._load_media(conv)
         in_video = bool(tracks)
         slots, slot_src = [], []  # audio slots in text order
@@ -87,7 +97,7 @@ class RowEncoder:
             elif kind == "video" and in_video:
                 slots.append(tracks[k])
                 slot_src.append(k)
-        text = render(conv, self.tokens, self.bp.default_system)
+        text = self.template.render(conv, self.tokens, self.bp.default_system)
         try:
             out = run_processor(self._processor, text, self.pp, images, videos, slots, slot_src)
         except ValueError as exc:  # e.g. an image smaller than one patch, mismatched video rates
@@ -124,24 +134,14 @@ class RowEncoder:
         return row
 
     def _positions(self, ids: np.ndarray, out: dict, in_video: bool) -> torch.Tensor:
-        mel_lens = out["feature_attention_mask"].sum(-1) if "feature_attention_mask" in out else None
-        return get_rope_index(
-            ids,
-            image_token_id=self.tokens.image, video_token_id=self.tokens.video, audio_token_id=self.tokens.audio,
-            image_grid_thw=out.get("image_grid_thw"), video_grid_thw=out.get("video_grid_thw"),
-            video_second_per_grid=out.get("video_second_per_grid"), audio_seqlens=mel_lens,
-            use_audio_in_video=in_video, spatial_merge_size=self.rope.spatial_merge_size,
-            position_id_per_seconds=self.rope.position_id_per_seconds,
-            seconds_per_chunk=self.rope.seconds_per_chunk,
-        )
+        return self.template.positions(ids, out, in_video, self.tokens, self.rope)
 
     def _fit_length(self, conv: Conversation, ids: np.ndarray, labels: np.ndarray) -> int:
         """Length to keep: all of it, or a text-only tail cut; raises :class:`TooLongError`."""
         n, cutoff = len(ids), self.cutoff_len
         if n <= cutoff:
             return n
-        t = self.tokens
-        media_marks = np.isin(ids, [t.image, t.video, t.audio, t.vision_bos, t.vision_eos, t.audio_bos, t.audio_eos])
+        media_marks = np.isin(ids, self.tokens.media_marks())
         last_media = int(np.flatnonzero(media_marks)[-1]) if media_marks.any() else -1
         if last_media >= cutoff:
             raise TooLongError(f"dataset {conv.dataset!r} row {conv.index}: {n} tokens > cutoff_len {cutoff} "

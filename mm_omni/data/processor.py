@@ -1,18 +1,18 @@
-"""The one place that calls transformers' ``Qwen2_5OmniProcessor``.
+"""The one place that calls a family's transformers processor on a rendered row.
 
-transformers moves under us: in 5.23 the audio-in-video switch is ``load_audio_from_video`` plus
-``audio_from_video_indices`` (``use_audio_in_video`` is deprecated, removed in 5.25); older releases
-only know ``use_audio_in_video``. :func:`run_processor` hides that difference. Special token ids and
-the M-RoPE time constants are read from the processor / HF config, never hard-coded.
+Which processor class, which special tokens and which M-RoPE constants is the family's template's
+business (:class:`mm_omni.data.template.ChatTemplate`); the call itself is shared. transformers moves
+under us: in 5.23 the audio-in-video switch is ``load_audio_from_video`` plus ``audio_from_video_indices``
+(``use_audio_in_video`` is deprecated, removed in 5.25); older releases only know ``use_audio_in_video``.
+:func:`run_processor` hides that difference. Special token ids and the M-RoPE time constants are read
+from the processor / HF config, never hard-coded.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -25,74 +25,36 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class OmniTokens:
-    """Token strings and ids of the multimodal / chat special tokens."""
+class SpecialTokens:
+    """Ids and strings of a template's multimodal / chat special tokens (None: the family has no such token)."""
 
     image: int
     video: int
-    audio: int
+    audio: Optional[int]
     vision_bos: int
     vision_eos: int
-    audio_bos: int
-    audio_eos: int
+    audio_bos: Optional[int]
+    audio_eos: Optional[int]
     im_start: int
     im_end: int
     pad: int
     strings: dict  # name -> token text (image, video, audio, vision_bos, ...)
 
+    def placeholders(self) -> list[int]:
+        """Ids the processor expands into media features."""
+        return [i for i in (self.image, self.video, self.audio) if i is not None]
+
+    def media_marks(self) -> list[int]:
+        """Placeholders and the start/end markers around them: a cut must not fall between them."""
+        return [i for i in (self.image, self.video, self.audio, self.vision_bos, self.vision_eos, self.audio_bos,
+                            self.audio_eos) if i is not None]
+
 
 @dataclass(frozen=True)
 class RopeParams:
     spatial_merge_size: int
-    position_id_per_seconds: float
-    seconds_per_chunk: float
-
-
-def load_processor(model_name_or_path: str):
-    from transformers import Qwen2_5OmniProcessor
-
-    return Qwen2_5OmniProcessor.from_pretrained(model_name_or_path, local_files_only=True)
-
-
-def omni_tokens(processor) -> OmniTokens:
-    tok = processor.tokenizer
-    names = dict(image="image_token", video="video_token", audio="audio_token",
-                 vision_bos="vision_bos_token", vision_eos="vision_eos_token",
-                 audio_bos="audio_bos_token", audio_eos="audio_eos_token")
-    strings = {k: getattr(processor, v) for k, v in names.items()}
-    strings.update(im_start="<|im_start|>", im_end="<|im_end|>")
-    ids = {k: tok.convert_tokens_to_ids(s) for k, s in strings.items()}
-    unknown = [strings[k] for k, i in ids.items() if i is None or i == tok.unk_token_id]
-    if unknown:
-        raise ValueError(f"tokenizer of the processor lacks special tokens {unknown}")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else ids["im_end"]
-    return OmniTokens(pad=pad, strings=strings, **ids)
-
-
-def model_token_ids(tokens: OmniTokens) -> dict[str, int]:
-    """The tokenizer's special ids under model.json's field names."""
-    return dict(image_token_id=tokens.image, video_token_id=tokens.video, audio_token_id=tokens.audio,
-                vision_start_token_id=tokens.vision_bos, vision_end_token_id=tokens.vision_eos,
-                audio_start_token_id=tokens.audio_bos, audio_end_token_id=tokens.audio_eos)
-
-
-def rope_params(processor, model_name_or_path: Optional[str] = None) -> RopeParams:
-    """Time constants from the HF config (thinker_config) when present, else the processor's."""
-    # processor attributes in transformers >= 5.2x; before, defaults of its video kwargs (the same 25 and 2.0)
-    pps = float(getattr(processor, "position_id_per_seconds", None) or 25)
-    spc = float(getattr(processor, "seconds_per_chunk", None) or 2.0)
-    cfg_path = Path(model_name_or_path or "") / "config.json"
-    if model_name_or_path and cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        thinker = cfg.get("thinker_config", cfg)
-        if (thinker.get("position_id_per_seconds", pps), thinker.get("seconds_per_chunk", spc)) != (pps, spc):
-            # Token layout (processor) and positions (config) must agree, or audio-in-video breaks.
-            raise ValueError(
-                f"{cfg_path}: position_id_per_seconds/seconds_per_chunk "
-                f"{thinker.get('position_id_per_seconds')}/{thinker.get('seconds_per_chunk')} differ from the "
-                f"processor's {pps}/{spc}: make them equal"
-            )
-    return RopeParams(processor.image_processor.merge_size, pps, spc)
+    position_id_per_seconds: float  # M-RoPE time ticks per second of video (and audio)
+    seconds_per_chunk: float  # audio-in-video interleaving (Qwen2.5-Omni); unused by families without audio
 
 
 def _has_audio_from_video_api(processor) -> bool:
@@ -118,7 +80,7 @@ def run_processor(
     audios: list[Optional[np.ndarray]],
     audio_from_video: list[Optional[int]],
 ) -> dict[str, Any]:
-    """Run the Omni processor on one rendered conversation.
+    """Run a family's processor on one rendered conversation.
 
     ``audios`` / ``audio_from_video`` list the audio slots in the order their tokens appear in
     ``text``: ``audio_from_video[k]`` is None for a standalone ``<audio>`` and the video index for the

@@ -1,16 +1,19 @@
-"""Template ``qwen2_omni``: the Qwen2.5-Omni chat format and its label mask.
+"""Chat templates: the base every family's template extends, and the label mask they share.
 
-Rendering (identical to the model's chat template, so the processor tokenises it the same way)::
+A family's template (``mm_omni/models/<family>/template.py``, registered by name in its ``family.py``)
+says which transformers processor it runs, which special tokens and M-RoPE constants it reads, how a
+media tag becomes its token block and how positions are computed. What is shared is the ChatML turn
+format of the Qwen families::
 
-    <|im_start|>system\\n{system}<|im_end|>\\n
-    <|im_start|>user\\n{content with media blocks}<|im_end|>\\n
-    <|im_start|>assistant\\n{content}<|im_end|>\\n
+    <|im_start|>system\n{system}<|im_end|>\n
+    <|im_start|>user\n{content with media blocks}<|im_end|>\n
+    <|im_start|>assistant\n{content}<|im_end|>\n
 
-``<image>`` -> ``<|vision_bos|><|IMAGE|><|vision_eos|>``, ``<video>`` -> ``<|vision_bos|><|VIDEO|><|vision_eos|>``,
-``<audio>`` -> ``<|audio_bos|><|AUDIO|><|audio_eos|>``; the processor then expands each placeholder
-to its exact token count. The system prompt defaults to MindSpeed-MM's "You are a helpful assistant.".
+(identical to those models' chat templates, so the processor tokenises it the same way); the
+processor then expands each placeholder to its exact token count. The system prompt defaults to
+MindSpeed-MM's "You are a helpful assistant.".
 
-Labels: each assistant turn's content and its closing ``<|im_end|>``. The ``\\n`` after
+Labels: each assistant turn's content and its closing ``<|im_end|>``. The ``\n`` after
 ``<|im_end|>`` stays in ``input_ids`` (the chat template has it) but is not a target: generation
 stops at ``<|im_end|>``, so the model never has to produce it (MindSpeed-MM also trains on it;
 dropping it changes nothing at inference). ``train_on_prompt`` labels everything but media
@@ -20,11 +23,13 @@ placeholders; ``mask_history`` keeps only the last assistant turn.
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import numpy as np
+import torch
 
 from mm_omni.data.formats import MEDIA_TAGS, Conversation
-from mm_omni.data.processor import OmniTokens
+from mm_omni.data.processor import RopeParams, SpecialTokens
 
 IGNORE_INDEX = -100
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -43,27 +48,53 @@ def media_order(conv: Conversation) -> list[tuple[str, int]]:
     return order
 
 
-def render(conv: Conversation, tokens: OmniTokens, default_system: str | None = None) -> str:
-    s = tokens.strings
-    blocks = {
-        MEDIA_TAGS["image"]: s["vision_bos"] + s["image"] + s["vision_eos"],
-        MEDIA_TAGS["video"]: s["vision_bos"] + s["video"] + s["vision_eos"],
-        MEDIA_TAGS["audio"]: s["audio_bos"] + s["audio"] + s["audio_eos"],
-    }
-    messages = list(conv.messages)
-    if messages[0][0] != "system":
-        messages.insert(0, ("system", default_system or DEFAULT_SYSTEM))
-    parts = []
-    for role, content in messages:
-        content = _TAG_RE.sub(lambda m: blocks[m.group(0)], content)
-        parts.append(f"{s['im_start']}{role}\n{content}{s['im_end']}\n")
-    return "".join(parts)
+class ChatTemplate:
+    """What the data pipeline needs from a family. Subclasses set ``name`` / ``media`` and implement the
+    methods that raise ``NotImplementedError``; :meth:`render` is the shared ChatML format."""
+
+    name: str = ""
+    media: tuple[str, ...] = ()  # the media kinds ("image", "video", "audio") its rows may hold
+
+    def load_processor(self, model_name_or_path: str):
+        """The family's transformers processor, from a local directory (nothing is downloaded)."""
+        raise NotImplementedError
+
+    def special_tokens(self, processor) -> SpecialTokens:
+        raise NotImplementedError
+
+    def model_token_ids(self, tokens: SpecialTokens) -> dict[str, int]:
+        """The tokenizer's special ids under model.json's field names (what the model scatters at)."""
+        raise NotImplementedError
+
+    def rope_params(self, processor, model_name_or_path: Optional[str] = None) -> RopeParams:
+        raise NotImplementedError
+
+    def media_blocks(self, tokens: SpecialTokens) -> dict[str, str]:
+        """Media kind -> the token text its tag becomes (the processor expands the placeholder inside)."""
+        raise NotImplementedError
+
+    def positions(self, ids: np.ndarray, out: dict, in_video: bool, tokens: SpecialTokens,
+                  rope: RopeParams) -> torch.Tensor:
+        """3D M-RoPE positions ``[3, s]`` of one processed row (``out``: the processor's tensors)."""
+        raise NotImplementedError
+
+    def render(self, conv: Conversation, tokens: SpecialTokens, default_system: str | None = None) -> str:
+        s = tokens.strings
+        blocks = {MEDIA_TAGS[kind]: text for kind, text in self.media_blocks(tokens).items()}
+        messages = list(conv.messages)
+        if messages[0][0] != "system":
+            messages.insert(0, ("system", default_system or DEFAULT_SYSTEM))
+        parts = []
+        for role, content in messages:
+            content = _TAG_RE.sub(lambda m: blocks.get(m.group(0), m.group(0)), content)
+            parts.append(f"{s['im_start']}{role}\n{content}{s['im_end']}\n")
+        return "".join(parts)
 
 
 def build_labels(
     input_ids: np.ndarray,
     roles: list[str],
-    tokens: OmniTokens,
+    tokens: SpecialTokens,
     assistant_header: list[int],
     train_on_prompt: bool = False,
     mask_history: bool = False,
@@ -78,7 +109,7 @@ def build_labels(
     if len(starts) != len(roles):
         raise ValueError(f"found {len(starts)} <|im_start|> tokens for {len(roles)} turns "
                          "(does a message contain special-token text?)")
-    media = (ids == tokens.image) | (ids == tokens.video) | (ids == tokens.audio)
+    media = np.isin(ids, tokens.placeholders())
     if train_on_prompt:
         labels = ids.copy()
         labels[media] = IGNORE_INDEX

@@ -44,7 +44,9 @@ class OmniModel(MegatronModule):
         encoder_parallel=None,
     ):
         get_platform()
-        cfg.require_token_ids("image_token_id", "video_token_id", "audio_token_id")  # the scatter positions
+        # the scatter positions of the encoders model.json has
+        cfg.require_token_ids(*(["image_token_id", "video_token_id"] if cfg.image_encoder is not None else [])
+                              + (["audio_token_id"] if cfg.audio_encoder is not None else []))
         text_decoder = TextDecoder(cfg.text_decoder, pre_process=pre_process, post_process=post_process,
                                    pg_collection=pg_collection, vp_stage=vp_stage,
                                    config_overrides=text_config_overrides)
@@ -146,8 +148,9 @@ class OmniModel(MegatronModule):
             image_feats, video_feats, vision_dummy = self._encode_vision(
                 pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
             audio_feats, audio_dummy = self._encode_audio(input_features, feature_attention_mask)
-            features = {self.cfg.image_token_id: image_feats, self.cfg.video_token_id: video_feats,
-                        self.cfg.audio_token_id: audio_feats}
+            features = {token: feats for token, feats in ((self.cfg.image_token_id, image_feats),
+                                                          (self.cfg.video_token_id, video_feats),
+                                                          (self.cfg.audio_token_id, audio_feats)) if token is not None}
             decoder_input = scatter_features(decoder_input, input_ids, features)
             for dummy in (vision_dummy, audio_dummy):
                 if dummy is not None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from mm_omni.config.model import from_hf_thinker_config
+from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 from mm_omni.models.audio import AudioEncoder
 from mm_omni.platform import get_platform
 from tests.conftest import tiny_thinker_config

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.distributed
 
 
 def test_hetero_encoders_dp_follow_homogeneous(tmp_path):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 
     write_omni_data(tmp_path, ROWS * 6)
     cases = []
@@ -72,7 +72,7 @@ def test_hetero_encoders_on_every_stage_resume_exactly(tmp_path):
     """Decoder PP2 x DP2 with the encoders on all 4 ranks, overlapped gradient reduction and the
     distributed optimizer: 2 steps + save + resume = 3 straight steps (loss and grad norm of step 3
     bit-equal); the later stage's files hold no encoder weights (its copies come from the first stage)."""
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 
     write_omni_data(tmp_path, ROWS * 6)
     model = from_hf_thinker_config(tiny_thinker_config())

@@ -47,7 +47,7 @@ def write_omni_data(d: Path, rows: list, special_tokens: Optional[dict] = None) 
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 
     d = tmp_path_factory.mktemp("omni_train")
     write_omni_data(d, ROWS * 3)

@@ -30,7 +30,7 @@ def models():
     init_megatron()
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.audio import AudioEncoder
 
     thinker_cfg = tiny_thinker_config()

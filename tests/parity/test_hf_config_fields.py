@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm_omni.config.hf_fields import HF_ACTIVATIONS
+from mm_omni.models.common.hf_activations import HF_ACTIVATIONS
 from tests.conftest import tiny_thinker_config
 from tests.helpers import init_megatron, randomize_
 from tests.parity import test_text as text_parity
@@ -41,7 +41,7 @@ def worst(errors: dict) -> tuple[str, float]:
 
 
 def model_json(cfg):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 
     return from_hf_thinker_config(cfg)
 

@@ -69,7 +69,7 @@ def hf_text_state(text, lm_head, tied: bool) -> dict:
 
 
 def build_mm_text(thinker_cfg, **kwargs):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.text import TextDecoder
 
     return TextDecoder(from_hf_thinker_config(thinker_cfg).text_decoder, **kwargs)

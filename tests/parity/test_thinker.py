@@ -144,7 +144,7 @@ def build_hf(cfg, seed: int = 0):
 
 
 def build_mm(cfg, **kwargs):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.omni import OmniModel
 
     mm_cfg = from_hf_thinker_config(cfg)

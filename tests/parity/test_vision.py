@@ -45,7 +45,7 @@ def load_mm(model, mm_state: dict):
 
 
 def build_mm_visual(thinker_cfg, pg_collection=None):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.vision import VisionEncoder
 
     block = from_hf_thinker_config(thinker_cfg).image_encoder
@@ -107,7 +107,7 @@ def test_full_recompute_matches_transformers(parity_run):
     """MindSpeed-MM's ViT recompute keys (``recompute_granularity: full``) keep outputs and grads."""
     from megatron.core import tensor_parallel
 
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.vision import VisionEncoder
 
     cfg, hf_out, hf_grads, _, _ = parity_run

@@ -9,7 +9,7 @@ from tests.helpers import init_megatron
 
 
 def test_enable_encoder_cuda_graphs_is_a_no_op_on_cpu():
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.common.cuda_graphs import enable_encoder_cuda_graphs
     from mm_omni.models.omni import OmniModel
 

@@ -33,7 +33,7 @@ def test_fused_lm_loss_matches_plain_cross_entropy():
 
 
 def test_decoder_fused_loss_matches_full_logits_path():
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.text import TextDecoder
 
     init_megatron()

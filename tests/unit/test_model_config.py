@@ -73,7 +73,7 @@ def test_missing_file_names_the_flag(tmp_path):
 
 
 def test_from_hf_thinker_config_roundtrips_sizes(thinker_config):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 
     cfg = from_hf_thinker_config(thinker_config)
     assert cfg.text_decoder.num_query_groups == thinker_config.text_config.num_key_value_heads
@@ -86,7 +86,7 @@ def test_from_hf_thinker_config_roundtrips_sizes(thinker_config):
 @pytest.mark.parametrize("thinker_tied,text_tied", [(False, True), (True, False), (False, False)])
 def test_output_layer_tying_follows_the_thinker_flag(thinker_tied, text_tied):
     """transformers ties lm_head by the thinker config's flag; text_config's (default True) is ignored."""
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from tests.conftest import tiny_thinker_config
 
     cfg = tiny_thinker_config(text={"tie_word_embeddings": text_tied}, tie_word_embeddings=thinker_tied)
@@ -95,7 +95,7 @@ def test_output_layer_tying_follows_the_thinker_flag(thinker_tied, text_tied):
 
 def test_configs_tiny_is_the_test_model():
     """configs/tiny/model.json is the model.json of the tiny thinker the tests build."""
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from tests.conftest import tiny_thinker_config
 
     path = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "model.json"

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from mm_omni.config.model import SPECIAL_TOKEN_FIELDS, from_hf_thinker_config
+from mm_omni.config.model import SPECIAL_TOKEN_FIELDS
+from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 from tests.fixtures.qwen2_5_omni import tiny_data_config
 from mm_omni.train import prepare_args
 from tests.conftest import tiny_thinker_config

@@ -72,7 +72,7 @@ def lora_setup(tmp_path_factory):
     from transformers import AutoConfig
 
     from converters.qwen2_5_omni.converter import open_mm
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.lora.inject import apply_lora, parse_targets
     from mm_omni.models.omni import OmniModel
     from tests.helpers import init_megatron
@@ -137,7 +137,7 @@ def test_export_loads_in_transformers_and_matches_our_lora_model(lora_setup):
         mm_to_hf(d / "lora_tp2", hf_dir, out)
     hf = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     batch = make_batch(thinker)
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 
     inputs = {k: batch[k] for k in MODEL_KEYS if k not in ("use_audio_in_video", "labels")}
     with torch.no_grad():

@@ -30,6 +30,6 @@ def processor_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def processor(processor_dir):
-    from mm_omni.data.processor import load_processor
+    from mm_omni.models.qwen2_5_omni.template import TEMPLATE
 
-    return load_processor(str(processor_dir))
+    return TEMPLATE.load_processor(str(processor_dir))

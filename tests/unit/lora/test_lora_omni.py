@@ -11,7 +11,7 @@ from tests.helpers import init_megatron
 
 
 def _model(freeze_vision: bool):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.omni import OmniModel
 
     init_megatron()

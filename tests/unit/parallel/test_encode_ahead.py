@@ -33,7 +33,7 @@ def _batches(gen):
 
 @pytest.fixture(scope="module")
 def model():
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.omni import OmniModel
 
     init_megatron()

@@ -43,7 +43,7 @@ def test_lpt_within_grahams_bound_of_the_optimum(seed):
 
 
 def _model(thinker_config, **sizes):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 
     cfg = from_hf_thinker_config(thinker_config)
     for key, value in sizes.items():

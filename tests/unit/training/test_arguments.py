@@ -81,7 +81,7 @@ def test_missing_lr_names_the_flag():
 
 
 def test_structure_flags_never_override_model_json(caplog, thinker_config):
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
 
     cfg = from_hf_thinker_config(thinker_config)
     args = parse_args(BASE + ["--hidden-size", "3584", "--num-layers", str(cfg.text_decoder.num_layers)])

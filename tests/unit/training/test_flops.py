@@ -19,7 +19,7 @@ from tests.helpers import init_megatron
 
 @pytest.fixture(scope="module")
 def model():
-    from mm_omni.config.model import from_hf_thinker_config
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.omni import OmniModel
 
     init_megatron()

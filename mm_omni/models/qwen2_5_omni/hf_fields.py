@@ -1,6 +1,6 @@
 """Refusal of the Hugging Face Qwen2.5-Omni thinker config values whose math we do not implement.
 
-:func:`from_hf_thinker_config <mm_omni.config.model.from_hf_thinker_config>` carries every field that
+:func:`from_hf_thinker_config <mm_omni.models.qwen2_5_omni.hf_config.from_hf_thinker_config>` carries every field that
 changes transformers' math into model.json; :func:`check_thinker_config` runs first and refuses every
 value we could not reproduce exactly, naming the field, its value and "not supported", before anything
 is built or converted. docs/hf_config_audit.md lists every field of the config classes with what becomes
@@ -9,18 +9,7 @@ of it; tests/parity/test_hf_config_fields.py fails on a field transformers adds 
 
 from __future__ import annotations
 
-# transformers' ACT2FN name -> model.json ``activation_func``. Aliases compute the same function
-# (``gelu_python`` = erf GELU, ``gelu_new`` / ``gelu_python_tanh`` = tanh GELU: equal up to rounding).
-HF_ACTIVATIONS = {
-    "silu": "silu", "swish": "silu",
-    "gelu": "gelu", "gelu_python": "gelu",
-    "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-    "gelu_fast": "fast_gelu",
-    "quick_gelu": "quick_gelu",
-}
-# rope types of the text decoder: transformers' plain rotary with M-RoPE sections ("mrope" is the older
-# name of the same thing); every scaled type (linear, dynamic, yarn, longrope, llama3, ...) is refused.
-TEXT_ROPE_TYPES = ("default", "mrope")
+from mm_omni.models.common.hf_activations import HF_ACTIVATIONS, TEXT_ROPE_TYPES
 
 
 def check_thinker_config(thinker) -> None:
