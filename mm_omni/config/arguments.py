@@ -36,6 +36,16 @@ KERNEL_FLAGS = {
     "--use-distributed-optimizer-overlap": "no overlap of the distributed optimizer's gathers",
     "--lora-fusion": "LoRA runs as two small matmuls beside the base linear (no fused LoRA communication kernel)",
 }
+# --context-parallel-algo values. Every one runs our all-gather context parallelism (keys and values gathered
+# over the CP group, queries local; load-balanced 2 x CP chunks): the attention is exact either way, so the
+# algorithm changes only the communication. Ulysses' all-to-all over heads would also need heads % CP == 0
+# for every stack; it is not implemented, and a run that asks for it is told so in one log line.
+CP_ALGOS = {
+    "megatron_cp_algo": "all-gather context parallelism",
+    "ulysses_cp_algo": "runs as all-gather context parallelism (exact; Ulysses' all-to-all over heads is not "
+                       "implemented)",
+    "hybrid_cp_algo": "runs as all-gather context parallelism (exact; the Ulysses part is not implemented)",
+}
 # flag -> text_decoder field of model.json it describes (model.json wins; disagreements are logged)
 STRUCTURE_FLAGS = {
     "--num-layers": "num_layers", "--hidden-size": "hidden_size", "--ffn-hidden-size": "ffn_hidden_size",
@@ -69,6 +79,8 @@ def build_parser() -> ArgumentParser:
     add("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     add("--virtual-pipeline-model-parallel-size", type=int, default=None)
     add("--context-parallel-size", type=int, default=1)
+    add("--context-parallel-algo", choices=list(CP_ALGOS), default="megatron_cp_algo",
+        help="MindSpeed-MM's context-parallel algorithm names; all run the all-gather CP (see CP_ALGOS)")
     flag("--sequence-parallel")
     flag("--use-distributed-optimizer")
     flag("--hetero-parallel")
@@ -309,6 +321,9 @@ def log_accepted_flags(args: argparse.Namespace, model_cfg=None) -> None:
     for name, instead in KERNEL_FLAGS.items():
         if name in args.given:
             logger.info("%s accepted (selects a MindSpeed kernel): %s", name, instead)
+    if "--context-parallel-algo" in args.given and args.context_parallel_algo != "megatron_cp_algo":
+        logger.info("--context-parallel-algo %s accepted: %s", args.context_parallel_algo,
+                    CP_ALGOS[args.context_parallel_algo])
     text = getattr(model_cfg, "text_decoder", None)
     for name, field in STRUCTURE_FLAGS.items():
         if name not in args.given:

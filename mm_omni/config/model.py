@@ -152,6 +152,9 @@ class TextDecoderConfig(_ModuleCommon):
     add_qkv_bias: bool = True
     # transformers' embedding padding_idx: the row of this token id gets no gradient from the lookups
     pad_token_id: Optional[int] = None
+    # MindSpeed-MM's switch to unpad rows for its varlen flash kernel: the math is the same either way (padding
+    # never reaches a real token's attention here), so it is accepted and changes nothing
+    use_remove_padding: Optional[bool] = None
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
     cp: int = Field(default=1, ge=1)
@@ -227,6 +230,8 @@ class OmniModelConfig(_Strict):
     text_decoder: TextDecoderConfig
     text_encoder: None = None
     video_encoder: None = None
+    # MindSpeed-MM's monkey-patch switches (e.g. {"bridge_patch": false}): they select its code paths, not the math
+    patch: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def _check_stages(self):

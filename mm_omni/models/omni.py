@@ -74,8 +74,10 @@ class OmniModel(MegatronModule):
             from mm_omni.models.vision import VisionEncoder
 
             block = cfg.image_encoder
-            if block.vision_encoder.llm_hidden_size != cfg.text_decoder.hidden_size:
-                raise ValueError(f"image_encoder.vision_encoder.llm_hidden_size={block.vision_encoder.llm_hidden_size} "
+            # the projector's output is what lands in the decoder's embeddings; vision_encoder.llm_hidden_size is
+            # descriptive only (MindSpeed-MM's Qwen2.5-VL model_3b.json states 1280 for a 2048-wide decoder)
+            if block.vision_projector.hidden_size != cfg.text_decoder.hidden_size:
+                raise ValueError(f"image_encoder.vision_projector.hidden_size={block.vision_projector.hidden_size} "
                                  f"must equal text_decoder.hidden_size={cfg.text_decoder.hidden_size}")
             self.image_encoder = VisionEncoder(block.vision_encoder, block.vision_projector,
                                                pg_collection=enc_pgs["vision"] or pg_collection)

@@ -95,11 +95,6 @@ class VisionEncoder(MegatronModule):
                 f"vision_projector.input_size={projector_cfg.input_size} must equal "
                 f"vision_encoder.hidden_size={encoder_cfg.hidden_size}"
             )
-        if projector_cfg.hidden_size != encoder_cfg.llm_hidden_size:
-            raise ValueError(
-                f"vision_projector.hidden_size={projector_cfg.hidden_size} must equal "
-                f"vision_encoder.llm_hidden_size={encoder_cfg.llm_hidden_size} (the text decoder's width)"
-            )
         encoder = VisionTransformer(encoder_cfg, pg_collection=pg_collection)
         super().__init__(config=encoder.config)
         self.encoder = encoder
