@@ -1,4 +1,4 @@
-"""Attention core and decoder-layer benchmark (GPU; run through the device tool).
+"""Attention core and decoder-layer benchmark (run it on a machine with a CUDA GPU).
 
 Prints, all measured in this one run on the same inputs:
   1. our CoreAttention vs raw SDPA (cuDNN and flash backends) on 7B-width attention, fwd+bwd;
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     if get_platform().name != "cuda":
-        raise SystemExit("bench/attention.py needs a CUDA GPU (run it through the device tool)")
+        raise SystemExit("bench/attention.py needs a CUDA GPU (run it on a GPU machine)")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("nccl", rank=0, world_size=1)

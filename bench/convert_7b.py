@@ -59,15 +59,15 @@ def make_checkpoint(path: Path, scale: float, div: int, shard_bytes: int = 4 << 
     from safetensors.torch import save_file
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniForConditionalGeneration
 
-    from converters.qwen2_5_omni import keymap
+    from mm_omni.models.qwen2_5_omni.hf_mapping import NAMES
 
     cfg = omni_config(scale, div)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Qwen2_5OmniForConditionalGeneration(cfg).state_dict().items()}
     names = {}
     for key in shapes:
-        pre, local = keymap.split_prefix(key)
-        names[key] = keymap.from_canonical(keymap.to_canonical(local), "hub", pre) if pre else key
+        pre, local = NAMES.split_prefix(key)
+        names[key] = NAMES.from_canonical(NAMES.to_canonical(local), "hub", pre) if pre else key
     path.mkdir(parents=True)
     cfg.save_pretrained(path)
     shards, current, size = [], {}, 0

@@ -168,7 +168,8 @@ def main() -> None:
               f"{'imbalance vision/audio':>23s} {'last loss':>10s}")
         for name, r in results.items():
             imb = r["imbalance"]
-            imb_s = f"{imb.get('vision', float('nan')):.3f} / {imb.get('audio', float('nan')):.3f}" if imb else "-"
+            imb_s = (f"{imb.get('image_encoder', float('nan')):.3f} / {imb.get('audio_encoder', float('nan')):.3f}"
+                     if imb else "-")
             print(f"  {name:16s} {r['ms']:9.1f} {r['tps']:13.0f} {base['ms'] / r['ms']:9.2f}x {imb_s:>23s} "
                   f"{r['loss'] if r['loss'] is None else round(r['loss'], 5)!s:>10s}")
         print(json.dumps(results))

@@ -1,8 +1,8 @@
-"""Whole thinker step, ours vs transformers, on DESIGN §8's two rows (GPU; run through the device tool).
+"""Whole thinker step, ours vs transformers, on the benchmark rows below (run it on a machine with a CUDA GPU).
 
 Builds Qwen2.5-Omni 7B widths at reduced depth (text 4 layers, vision 8 with full attention in
 layer 7, audio 8), random weights in transformers' ``Qwen2_5OmniThinkerForConditionalGeneration``,
-copies them through ``converters.qwen2_5_omni.keymap`` into our ``OmniModel`` and runs, in bf16,
+copies them through the converter's table (``converters.common.convert``) into our ``OmniModel`` and runs, in bf16,
 fwd+bwd on the same inputs for both:
 
 * reference row: a 448x448 image (256 merged tokens), 10 s of audio (250 tokens), 2048 text tokens;
@@ -96,7 +96,7 @@ def row_parts(grid, video: bool, seconds: float, n_text: int, mm_cfg, gen) -> di
 
 
 def make_row(kind: str, mm_cfg, dev, dtype, seed: int = 0) -> dict:
-    """One row of DESIGN §8 with its media, labels and 3D positions."""
+    """One benchmark row (reference or encoder-heavy, docs/performance.md) with its media, labels and 3D positions."""
     gen = torch.Generator().manual_seed(seed)
     side = 448 // VISION["patch"]  # 32 patches a side
     if kind == "ref":
@@ -198,8 +198,10 @@ def measure_mixed(hf, ours, batch: dict, iters: int) -> dict:
 
 
 def step_flops(mm_cfg, seq: int, grid, mel: int) -> dict:
-    """Model FLOPs of one fwd+bwd per module (mm_omni.training.flops: what --log-tps's MFU counts)."""
-    from mm_omni.training.flops import audio_flops, text_flops, vision_flops
+    """Model FLOPs of one fwd+bwd per module (each stack's flops module: what --log-tps's MFU counts)."""
+    from mm_omni.models.audio.flops import audio_flops
+    from mm_omni.models.text.flops import text_flops
+    from mm_omni.models.vision.flops import vision_flops
 
     block = mm_cfg.image_encoder
     return {"vision": vision_flops(block.vision_encoder, block.vision_projector, mm_cfg.text_decoder.hidden_size, [grid]),
@@ -344,7 +346,7 @@ def measure(side: Side, other_bytes: int, iters: int) -> dict:
 def build_models(dev, dtype):
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from converters.qwen2_5_omni import keymap
+    from converters.common.convert import hf_state_to_mm
     from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.models.omni import OmniModel
 
@@ -362,7 +364,9 @@ def build_models(dev, dtype):
     mm_cfg = from_hf_thinker_config(cfg)
     # random init is skipped (the weights come from transformers); every parameter in bf16 as Float16Module does
     ours = OmniModel(mm_cfg, text_config_overrides={"perform_initialization": False}).to(dev, dtype).train()
-    state = keymap.hf_to_mm({k: v for k, v in hf.state_dict().items()}, cfg)
+    from mm_omni.models.qwen2_5_omni.convert import SPEC
+
+    state = hf_state_to_mm(SPEC, cfg, hf.state_dict())
     missing, unexpected = ours.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     assert all(k.endswith("._extra_state") for k in missing), missing
@@ -408,7 +412,7 @@ def main() -> None:
         AUDIO.update(hidden=32, ffn=64, heads=4)
         MIXED[:] = [(None, 0, 96), (56, 0, 64), (None, 1, 48), (28, 0.5, 80)]
     elif get_platform().name != "cuda":
-        raise SystemExit("bench/omni_step.py needs a CUDA GPU (run it through the device tool)")
+        raise SystemExit("bench/omni_step.py needs a CUDA GPU (run it on a GPU machine)")
     import torch.distributed as dist
     import transformers
     from megatron.core import parallel_state, tensor_parallel

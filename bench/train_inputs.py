@@ -3,7 +3,7 @@
 Writes into ``--out``: the tiny processor (``tests.fixtures``), 448x448 images and 10 s WAVs, a
 dataset of image + audio + long-text rows, ``data.json`` (pixel caps raised to 448x448, so an image
 is 256 merged tokens) and ``model.json`` at 7B widths whose special token ids are the tiny
-processor's. ``--depth reduced`` is DESIGN §8's depth (text 4, vision 8, audio 8); ``full`` is the
+processor's. ``--depth reduced`` is the benchmarks' depth (text 4, vision 8, audio 8); ``full`` is the
 7B's (28 / 32 / 32, vision full attention every 8th layer).
 
     python bench/train_inputs.py --out /tmp/run --depth reduced

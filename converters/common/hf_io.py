@@ -10,7 +10,7 @@ from typing import Callable
 from torch import Tensor
 
 from converters.common.safetensors_stream import SafetensorsStreamWriter
-from mm_omni.checkpoint_file import CONVERT_REMEDY, open_safetensors
+from mm_omni.checkpoint.files import CONVERT_REMEDY, open_safetensors
 
 INDEX = "model.safetensors.index.json"
 

@@ -12,14 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class ModuleSpec:
-    name: str                      # key of Layout.counts / Layout.tp ("text", "vision", "audio")
-    prefix: str                    # every tensor of the module starts with it
-    layer_prefix: str              # "<...>.layers." followed by the layer number
-    first: tuple[str, ...] = ()    # prefixes of first-stage tensors
-    last: tuple[str, ...] = ()     # prefixes of last-stage tensors
+from mm_omni.checkpoint.spec import ModuleSpec  # name, prefix, layer_prefix, first / last-stage prefixes
 
 
 @dataclass

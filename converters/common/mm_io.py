@@ -1,7 +1,8 @@
-"""Megatron checkpoint files: ``<root>/{release|iter_XXXXXXX}/mp_rank_TT[_PPP]/model_optim_rng.pt``.
+"""Megatron checkpoint files for the converter: whole rank files written and read back, the rank grid found.
 
-Each file is ``{"model": sd, "checkpoint_version": 3.0}``; with virtual pipeline ``model0``,
-``model1``, ... (one per chunk). ``latest_checkpointed_iteration.txt`` names the tag, written last.
+The layout itself (names, tracker, atomic writes) is :mod:`mm_omni.checkpoint.format`'s. Each file the
+converter writes is ``{"model": sd, "checkpoint_version": 3.0}``; with virtual pipeline ``model0``,
+``model1``, ... (one per chunk).
 """
 
 from __future__ import annotations
@@ -14,29 +15,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from converters.common.atomic import fsync_file
-from mm_omni.checkpoint_file import load_torch_file, read_checked
+from mm_omni.checkpoint.files import load_torch_file, read_checked
+from mm_omni.checkpoint.format import (CHECKPOINT_VERSION, MODEL_FILE, TRACKER, chunk_keys, parse_rank_dir,
+                                       rank_dir_name, rank_file, read_tracker, tag_dir_of)
 
 log = logging.getLogger(__name__)
 MM_REMEDY = ("take the previous iter_* directory of the run (write its number into latest_checkpointed_iteration.txt) "
              "or re-convert the checkpoint with mm-convert hf_to_mm")
 
-TRACKER = "latest_checkpointed_iteration.txt"
-FILE = "model_optim_rng.pt"
-CHECKPOINT_VERSION = 3.0
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-
-
-def rank_dir(tp: int, pp: int, pp_size: int) -> str:
-    return f"mp_rank_{tp:02d}" if pp_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
-
-
-def chunk_keys(vpp: int) -> list[str]:
-    return ["model"] if vpp == 1 else [f"model{i}" for i in range(vpp)]
-
 
 def save_rank(tag_dir: Path, tp: int, pp: int, pp_size: int, chunks: list[dict[str, Tensor]]) -> Path:
-    path = tag_dir / rank_dir(tp, pp, pp_size) / FILE
+    path = rank_file(tag_dir, tp, pp, pp_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {key: sd for key, sd in zip(chunk_keys(len(chunks)), chunks)}
     payload["checkpoint_version"] = CHECKPOINT_VERSION
@@ -44,23 +33,16 @@ def save_rank(tag_dir: Path, tp: int, pp: int, pp_size: int, chunks: list[dict[s
     return path
 
 
-def write_tracker(root: Path, tag: str = "release") -> None:
-    path = root / TRACKER
-    path.write_text(tag)
-    fsync_file(path)
-
-
 def resolve_tag_dir(path: Path) -> Path:
     """A checkpoint root (with the tracker file) or a ``release`` / ``iter_*`` dir -> the dir of rank dirs."""
     path = Path(path)
-    tracker = path / TRACKER
-    if tracker.is_file():
-        tag = tracker.read_text().strip()
-        sub = path / ("release" if tag == "release" else f"iter_{int(tag):07d}")
+    tag = read_tracker(path)
+    if tag is not None:
+        sub = path / tag_dir_of(tag)
         if not sub.is_dir():
-            raise FileNotFoundError(f"{tracker} says {tag!r} but {sub} does not exist")
+            raise FileNotFoundError(f"{path / TRACKER} says {tag!r} but {sub} does not exist")
         return sub
-    if any(_RANK_DIR.match(p.name) for p in path.glob("mp_rank_*")):
+    if any(parse_rank_dir(p.name) for p in path.glob("mp_rank_*")):
         return path
     raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no {TRACKER}, no mp_rank_* directories)")
 
@@ -69,14 +51,14 @@ def rank_files(tag_dir: Path) -> dict[tuple[int, int], Path]:
     """{(tp, pp): file} of every rank; raises if the grid has holes."""
     found = {}
     for p in tag_dir.iterdir():
-        m = _RANK_DIR.match(p.name)
-        if m and (p / FILE).is_file():
-            found[(int(m.group(1)), int(m.group(2) or 0))] = p / FILE
+        ranks = parse_rank_dir(p.name)
+        if ranks is not None and (p / MODEL_FILE).is_file():
+            found[ranks] = p / MODEL_FILE
     if not found:
-        raise FileNotFoundError(f"{tag_dir}: no mp_rank_*/{FILE}")
+        raise FileNotFoundError(f"{tag_dir}: no mp_rank_*/{MODEL_FILE}")
     tps = 1 + max(t for t, _ in found)
     pps = 1 + max(p for _, p in found)
-    missing = [rank_dir(t, p, pps) for t in range(tps) for p in range(pps) if (t, p) not in found]
+    missing = [rank_dir_name(t, p, pps) for t in range(tps) for p in range(pps) if (t, p) not in found]
     if missing:
         raise FileNotFoundError(f"{tag_dir}: missing rank files {missing}")
     return found

@@ -25,9 +25,9 @@ from typing import Callable, Iterable
 
 from torch import Tensor
 
-from converters.common import tp as tp_ops
 from converters.common.layout import Layout, ModuleSpec
 from converters.common.mm_io import load_rank, rank_files, resolve_tag_dir, saved_args
+from mm_omni.checkpoint import tp as tp_ops
 from mm_omni.lora import merge as lora  # pure torch, no training stack
 
 log = logging.getLogger(__name__)

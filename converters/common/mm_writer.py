@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from converters.common import tp as tp_ops
 from converters.common.layout import Layout
 from converters.common.mm_io import save_rank
+from mm_omni.checkpoint import tp as tp_ops
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 from jsonargparse import ArgumentParser
 
+from mm_omni.config.errors import ArgumentsError
+
 logger = logging.getLogger(__name__)
 
 # flag -> what we do instead (logged once when the flag is given)
@@ -61,10 +63,6 @@ STRUCTURE_FLAGS = {
 }
 _BOOL_STRUCTURE = {"--swiglu", "--group-query-attention", "--untie-embeddings-and-output-weights",
                    "--disable-bias-linear", "--add-qkv-bias"}
-
-
-class ArgumentsError(ValueError):
-    """A bad flag or combination, raised before any model is built."""
 
 
 def build_parser() -> ArgumentParser:
@@ -201,10 +199,10 @@ def validate_args(args: argparse.Namespace, world_size: int, model_cfg=None) -> 
 
     Runs before any model is built; every error names the flag, its value and the fix. With
     ``--hetero-parallel`` the parallel sizes come from ``model_cfg`` (model.json, see
-    :mod:`mm_omni.parallel.hetero`).
+    :mod:`mm_omni.config.hetero_layout`).
     """
     if args.hetero_parallel:
-        from mm_omni.parallel.hetero import resolve_layout
+        from mm_omni.config.hetero_layout import resolve_layout
 
         resolve_layout(args, model_cfg, world_size)
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
@@ -249,7 +247,7 @@ def validate_args(args: argparse.Namespace, world_size: int, model_cfg=None) -> 
     if args.recompute_granularity == "full" and args.recompute_method and args.recompute_num_layers is None:
         _fail("--recompute-num-layers", None, "give the number of layers per recompute group with --recompute-method")
     if args.hetero_parallel:
-        from mm_omni.parallel.hetero import check_batch
+        from mm_omni.config.hetero_layout import check_batch
 
         check_batch(args, model_cfg, world_size)
     _validate_lora(args)

@@ -288,8 +288,8 @@ class OmniModelConfig(_Strict):
         media = (tokenizer_ids["image_token_id"], tokenizer_ids["video_token_id"])
         if marker is not None and marker not in media:
             raise ValueError(
-                f"model.json img_context_token_id={marker} is neither the tokenizer's <|IMAGE|> id {media[0]} nor "
-                f"its <|VIDEO|> id {media[1]} ({source}): remove it (each modality is placed at its own id)"
+                f"model.json img_context_token_id={marker} is neither the tokenizer's image placeholder id {media[0]} "
+                f"nor its video placeholder id {media[1]} ({source}): remove it (each modality is placed at its own id)"
             )
         return self.model_copy(update=filled)
 
@@ -306,9 +306,10 @@ class OmniModelConfig(_Strict):
 
 # Special token ids of model.json -> the token whose id it is (for messages).
 SPECIAL_TOKEN_FIELDS = {
-    "image_token_id": "<|IMAGE|>", "video_token_id": "<|VIDEO|>", "audio_token_id": "<|AUDIO|>",
-    "vision_start_token_id": "<|vision_bos|>", "vision_end_token_id": "<|vision_eos|>",
-    "audio_start_token_id": "<|audio_bos|>", "audio_end_token_id": "<|audio_eos|>",
+    "image_token_id": "the image placeholder", "video_token_id": "the video placeholder",
+    "audio_token_id": "the audio placeholder", "vision_start_token_id": "the vision start marker",
+    "vision_end_token_id": "the vision end marker", "audio_start_token_id": "the audio start marker",
+    "audio_end_token_id": "the audio end marker",
 }
 
 

@@ -1,12 +1,20 @@
 """Collation: pad rows into ``[b, s]`` or pack them into one ``[1, s]`` sequence with ``cu_seqlens``.
 
-Batch keys (what the model consumes): ``input_ids``, ``labels`` (-100 = ignored, not shifted),
-``attention_mask``, ``position_ids [3, b, s]``, ``pixel_values``, ``image_grid_thw``,
-``pixel_values_videos``, ``video_grid_thw``, ``video_second_per_grid``, ``input_features``
-``[n_audio, 128, T]`` (T = longest valid audio of the batch, not 30 s), ``feature_attention_mask``,
-``use_audio_in_video`` (one bool per row) and, when packing, ``cu_seqlens`` (int32, n_rows + 1).
-Media tensors are concatenated in row order, which is the order of their tokens in the flattened
-batch. Modalities absent from the batch are absent from the dict.
+Token keys: ``input_ids``, ``labels`` (-100 = ignored, not shifted), ``attention_mask``, ``position_ids``
+``[3, b, s]`` and, when packing, ``cu_seqlens`` (int32, n_rows + 1). Every other key of a row is what the
+row encoder put there for the model, collated by one rule per kind of value, not by name:
+
+- a tensor (media: pixels, grids, mel features and their masks, ...) is concatenated along its first
+  dimension in row order, which is the order of the media tokens in the flattened batch; where the
+  rows' trailing sizes differ (each row's audio features are cut to its own longest clip) they are
+  zero-padded to the batch's largest first; integer tensors (sizes, masks) come out as int64. A key
+  absent from every row is absent from the batch;
+- a Python scalar (a per-row flag such as ``use_audio_in_video``) becomes one entry per row, and must
+  be on every row.
+
+Rows of images, videos and audio thus give ``pixel_values``, ``image_grid_thw``, ``pixel_values_videos``,
+``video_grid_thw``, ``video_second_per_grid``, ``input_features`` ``[n_audio, 128, T]`` (T = longest
+valid audio of the batch, not 30 s), ``feature_attention_mask`` and ``use_audio_in_video``.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch
 
 from mm_omni.data.template import IGNORE_INDEX
 
-_CAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
+TOKEN_KEYS = ("input_ids", "labels", "position_ids")  # what _pad / _pack lay out
 PAD_POSITION = 1  # what transformers' get_rope_index leaves on padding
 
 
@@ -29,8 +37,7 @@ class OmniCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self._pack(rows) if self.packing else self._pad(rows)
-        batch.update(_media(rows))
-        batch["use_audio_in_video"] = torch.tensor([bool(r["use_audio_in_video"]) for r in rows])
+        batch.update(_row_values(rows))
         return batch
 
     def _pad(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -71,25 +78,31 @@ class OmniCollator:
         )
 
 
-def _media(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def _row_values(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Every non-token key of the rows, by the rules of the module docstring (keys in order of appearance)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in TOKEN_KEYS))
     out: dict[str, torch.Tensor] = {}
-    for key in _CAT_KEYS:
-        parts = [r[key] for r in rows if key in r]
-        if parts:
-            out[key] = torch.cat([torch.as_tensor(p) for p in parts])
-    feats = [r for r in rows if "input_features" in r]
-    if feats:
-        t = max(r["input_features"].shape[-1] for r in feats)
-        n = sum(r["input_features"].shape[0] for r in feats)
-        mel = feats[0]["input_features"].shape[1]
-        features = torch.zeros((n, mel, t), dtype=feats[0]["input_features"].dtype)
-        mask = torch.zeros((n, t), dtype=torch.long)
-        k = 0
-        for r in feats:
-            a, l = r["input_features"].shape[0], r["input_features"].shape[-1]
-            features[k:k + a, :, :l] = r["input_features"]
-            mask[k:k + a, :l] = r["feature_attention_mask"]
-            k += a
-        out["input_features"] = features
-        out["feature_attention_mask"] = mask
+    for key in keys:
+        values = [r[key] for r in rows if key in r]
+        if isinstance(values[0], (bool, int, float)):
+            if len(values) != len(rows):
+                raise ValueError(f"collate: {key} is on {len(values)} of {len(rows)} rows; a per-row value "
+                                 "must be on every row")
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = _concat_padded([torch.as_tensor(v) for v in values])
+    return out
+
+
+def _concat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` along dim 0, each zero-padded at the end of its trailing dims to the largest; int64 if integer."""
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    dtype = torch.long if not parts[0].is_floating_point() and parts[0].dtype != torch.bool else parts[0].dtype
+    if all(list(p.shape[1:]) == shape for p in parts):
+        return torch.cat(parts).to(dtype)
+    out = torch.zeros((sum(p.shape[0] for p in parts), *shape), dtype=dtype)
+    k = 0
+    for p in parts:
+        out[(slice(k, k + p.shape[0]), *(slice(0, n) for n in p.shape[1:]))] = p
+        k += p.shape[0]
     return out

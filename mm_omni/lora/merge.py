@@ -37,7 +37,7 @@ def lora_keys(base: str) -> tuple[str, str]:
 
 
 def lora_split_kinds(weight_kind: str) -> tuple[str, str]:
-    """How ``A`` and ``B`` split over TP, given the base weight's split kind (see ``converters.common.tp``):
+    """How ``A`` and ``B`` split over TP, given the base weight's split kind (see ``mm_omni.checkpoint.tp``):
     a row-parallel linear (``col``: ``W`` split on its input) splits ``A`` the same way and replicates
     ``B``; a column-parallel one (``row`` / ``glu``) replicates ``A`` and splits ``B``'s rows like ``W``'s."""
     return ("col", "rep") if weight_kind == "col" else ("rep", weight_kind)

@@ -16,13 +16,15 @@ the loss lives on a later pipeline stage.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Optional, Union
+from typing import Collection, Mapping, Optional, Union
 
 import torch
 from megatron.core.transformer.module import MegatronModule
 
 from mm_omni.config.model import OmniModelConfig
+from mm_omni.models.common.encoder_api import dummy_forward
 from mm_omni.models.text import DecoderOutput, TextDecoder
 from mm_omni.platform import get_platform
 
@@ -31,6 +33,15 @@ logger = logging.getLogger(__name__)
 
 class OmniModel(MegatronModule):
     """The thinker: ``forward`` returns the decoder's :class:`DecoderOutput` (loss, per-token loss, logits)."""
+
+    # the encoder blocks, by model.json key (= attribute name), in the order they run
+    ENCODERS = ("image_encoder", "audio_encoder")
+    # what forward takes from a collated batch, and which of those it reads on the host (index bookkeeping
+    # of the encoders, the decoder's padding check: a device tensor there costs a sync)
+    INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_grid_thw",
+                  "pixel_values_videos", "video_grid_thw", "input_features", "feature_attention_mask",
+                  "use_audio_in_video", "video_second_per_grid", "cu_seqlens")
+    HOST_KEYS = ("image_grid_thw", "video_grid_thw", "feature_attention_mask", "attention_mask")
 
     def __init__(
         self,
@@ -41,12 +52,20 @@ class OmniModel(MegatronModule):
         vp_stage: Optional[int] = None,
         dummy_encoder_forward: bool = True,
         text_config_overrides: Optional[dict] = None,
-        encoder_parallel=None,
+        encoders: Optional[Collection[str]] = None,
+        encoder_pg_collections: Optional[dict] = None,
     ):
+        """``encoders``: the encoder blocks (of :attr:`ENCODERS`) this module builds, where model.json has
+        them; default: all of them on the first pipeline stage (where the decoder's input is made), none
+        elsewhere. ``encoder_pg_collections``: process groups per encoder (default: ``pg_collection``)."""
         get_platform()
         # the scatter positions of the encoders model.json has
         cfg.require_token_ids(*(["image_token_id", "video_token_id"] if cfg.image_encoder is not None else [])
                               + (["audio_token_id"] if cfg.audio_encoder is not None else []))
+        build = set(self.ENCODERS if pre_process else ()) if encoders is None else set(encoders)
+        if build - set(self.ENCODERS):
+            raise ValueError(f"encoders={sorted(build)}: OmniModel's encoders are {', '.join(self.ENCODERS)}")
+        enc_pgs = encoder_pg_collections or {}
         text_decoder = TextDecoder(cfg.text_decoder, pre_process=pre_process, post_process=post_process,
                                    pg_collection=pg_collection, vp_stage=vp_stage,
                                    config_overrides=text_config_overrides)
@@ -54,23 +73,11 @@ class OmniModel(MegatronModule):
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         self.dummy_encoder_forward = dummy_encoder_forward
-        # how the encoders spread over ranks (mm_omni.parallel.hetero.HeteroEncoders: pg_collection(kind),
-        # encode(kind, encoder, *inputs, dummy)); None = they follow the decoder's TP group
-        self.encoder_parallel = encoder_parallel
-        enc_pgs = {k: encoder_parallel.pg_collection(k) if encoder_parallel is not None else None
-                   for k in ("vision", "audio")}
+        # how the encoders' calls run: None = directly; parallel code may set an object with
+        # encode(name, encoder, data, sizes, dummy=...) and owns_dummy(name) (mm_omni.parallel.hetero)
+        self.encoder_runner = None
         self.image_encoder = self.audio_encoder = None
-        # the encoders run where the decoder's input is made (the first pipeline stage); with
-        # --hetero-parallel under decoder PP a split encoder has a copy on every stage's first chunk
-        # that encodes a share of each step's media (mm_omni.parallel.encode_ahead); copies are left
-        # out of this stage's checkpoint (the first stage saves the encoder)
-        first_chunk = vp_stage in (None, 0)
-        build = {k: pre_process or (first_chunk and encoder_parallel is not None
-                                    and encoder_parallel.encodes_ahead(k)) for k in ("vision", "audio")}
-        self.encoder_copies = [] if pre_process else [f"{key}." for k, key in
-                                                       (("vision", "image_encoder"), ("audio", "audio_encoder"))
-                                                       if build[k]]
-        if build["vision"] and cfg.image_encoder is not None:
+        if "image_encoder" in build and cfg.image_encoder is not None:
             from mm_omni.models.vision import VisionEncoder
 
             block = cfg.image_encoder
@@ -80,23 +87,20 @@ class OmniModel(MegatronModule):
                 raise ValueError(f"image_encoder.vision_projector.hidden_size={block.vision_projector.hidden_size} "
                                  f"must equal text_decoder.hidden_size={cfg.text_decoder.hidden_size}")
             self.image_encoder = VisionEncoder(block.vision_encoder, block.vision_projector,
-                                               pg_collection=enc_pgs["vision"] or pg_collection)
+                                               pg_collection=enc_pgs.get("image_encoder") or pg_collection)
             _freeze(self.image_encoder.encoder, block.vision_encoder.freeze)
             _freeze(self.image_encoder.projector, block.vision_projector.freeze)
-        if build["audio"] and cfg.audio_encoder is not None:
+        if "audio_encoder" in build and cfg.audio_encoder is not None:
             from mm_omni.models.audio import AudioEncoder
 
             audio_cfg = cfg.audio_encoder.audio_encoder
             if audio_cfg.output_dim != cfg.text_decoder.hidden_size:
                 raise ValueError(f"audio_encoder.audio_encoder.output_dim={audio_cfg.output_dim} must equal "
                                  f"text_decoder.hidden_size={cfg.text_decoder.hidden_size}")
-            self.audio_encoder = AudioEncoder(audio_cfg, pg_collection=enc_pgs["audio"] or pg_collection)
+            self.audio_encoder = AudioEncoder(audio_cfg, pg_collection=enc_pgs.get("audio_encoder") or pg_collection)
             _freeze(self.audio_encoder, audio_cfg.freeze)
         self.text_decoder = text_decoder
         _freeze(self.text_decoder, cfg.text_decoder.freeze)
-        if self.encoder_copies:
-            self._register_state_dict_hook(_drop_encoder_copies)
-            self.register_load_state_dict_post_hook(_allow_missing_encoder_copies)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.text_decoder.set_input_tensor(input_tensor)
@@ -108,6 +112,17 @@ class OmniModel(MegatronModule):
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         return self.text_decoder.shared_embedding_or_output_weight()
+
+    def encoders(self) -> dict[str, torch.nn.Module]:
+        """The encoders this module holds, by name (each an :class:`~mm_omni.models.common.encoder_api.ItemEncoder`)."""
+        return {name: getattr(self, name) for name in self.ENCODERS if getattr(self, name) is not None}
+
+    @staticmethod
+    def encoder_inputs(batch: Mapping) -> dict[str, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each encoder's ``(data, sizes)`` in a collated batch (None: no such media), as forward feeds them."""
+        return {"image_encoder": vision_inputs(batch.get("pixel_values"), batch.get("image_grid_thw"),
+                                               batch.get("pixel_values_videos"), batch.get("video_grid_thw")),
+                "audio_encoder": audio_inputs(batch.get("input_features"), batch.get("feature_attention_mask"))}
 
     def forward(
         self,
@@ -125,6 +140,7 @@ class OmniModel(MegatronModule):
         video_second_per_grid: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
         return_logits: bool = False,
+        layout=None,
     ) -> DecoderOutput:
         """One thinker forward.
 
@@ -138,7 +154,7 @@ class OmniModel(MegatronModule):
         ``video_second_per_grid`` change only the token layout and the positions, both already in
         ``input_ids`` / ``position_ids``: they are accepted so that a collated batch (and
         transformers' call signature) can be passed as it is. With ``cu_seqlens``, ``attention_mask``
-        is ignored.
+        is ignored. ``layout``: the decoder's token layout (:meth:`TextDecoder.forward`).
         """
         decoder_input = None
         if self.pre_process:
@@ -147,9 +163,16 @@ class OmniModel(MegatronModule):
                 raise ValueError("position_ids are required when the batch holds images, videos or audio: "
                                  "build them with mm_omni.models.rope_index.get_rope_index (the collator does)")
             decoder_input = self.text_decoder.embed(input_ids)  # [s, b, h]
-            image_feats, video_feats, vision_dummy = self._encode_vision(
-                pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-            audio_feats, audio_dummy = self._encode_audio(input_features, feature_attention_mask)
+            # images and videos in ONE vision call
+            vision, vision_dummy = self._encode(
+                "image_encoder", vision_inputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw))
+            image_feats = video_feats = None
+            if vision is not None:
+                merge = self.cfg.image_encoder.vision_encoder.spatial_merge_size**2
+                n_image = int(image_grid_thw.prod(-1).sum()) // merge if pixel_values is not None else 0
+                image_feats = vision[:n_image] if pixel_values is not None else None
+                video_feats = vision[n_image:] if pixel_values_videos is not None else None
+            audio_feats, audio_dummy = self._encode("audio_encoder", audio_inputs(input_features, feature_attention_mask))
             features = {token: feats for token, feats in ((self.cfg.image_token_id, image_feats),
                                                           (self.cfg.video_token_id, video_feats),
                                                           (self.cfg.audio_token_id, audio_feats)) if token is not None}
@@ -159,65 +182,35 @@ class OmniModel(MegatronModule):
                     decoder_input = decoder_input + 0.0 * dummy.sum().to(decoder_input.dtype)
         return self.text_decoder(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, labels=labels,
-            decoder_input=decoder_input, cu_seqlens=cu_seqlens, return_logits=return_logits,
+            decoder_input=decoder_input, cu_seqlens=cu_seqlens, return_logits=return_logits, layout=layout,
         )
 
     # -- encoders ---------------------------------------------------------------------------
-    def _encode_vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
-        """(image features, video features, dummy output): images and videos in ONE vision call; the
-        dummy output only when the batch has neither and the dummy forward is on."""
-        encoder = self.image_encoder
-        inputs = vision_inputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    def _encode(self, name: str, inputs):
+        """(features of every item, dummy output): the dummy output only when the batch has no such media
+        and the dummy forward is on."""
+        encoder = getattr(self, name)
         if inputs is None:
-            dummy = self._dummy_vision() if encoder is not None and self._needs_dummy("vision", encoder) else None
-            return None, None, dummy
+            return None, (dummy_forward(encoder) if encoder is not None and self._needs_dummy(name, encoder) else None)
         if encoder is None:
-            raise ValueError("the batch holds images/videos but model.json has no image_encoder")
-        pixels, grids = inputs
-        out = self._run_encoder("vision", encoder, pixels.to(_dtype(encoder)), grids)
-        merge = self.cfg.image_encoder.vision_encoder.spatial_merge_size**2
-        n_image = int(image_grid_thw.prod(-1).sum()) // merge if pixel_values is not None else 0
-        images = out[:n_image] if pixel_values is not None else None
-        videos = out[n_image:] if pixel_values_videos is not None else None
-        return images, videos, None
+            raise ValueError(f"the batch holds {_MEDIA[name]} but model.json has no {name}")
+        data, sizes = inputs
+        return self._run_encoder(name, encoder, data.to(_dtype(encoder)), sizes), None
 
-    def _encode_audio(self, input_features, feature_attention_mask):
-        """(audio features of all clips, dummy output), like :meth:`_encode_vision`."""
-        encoder = self.audio_encoder
-        inputs = audio_inputs(input_features, feature_attention_mask)
-        if inputs is None:
-            return None, (self._dummy_audio() if encoder is not None and self._needs_dummy("audio", encoder) else None)
-        if encoder is None:
-            raise ValueError("the batch holds audio but model.json has no audio_encoder")
-        features, lens = inputs
-        return self._run_encoder("audio", encoder, features.to(_dtype(encoder)), lens), None
+    def _run_encoder(self, name: str, encoder, data: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        if self.encoder_runner is None:
+            return encoder(data, sizes)
+        dummy = functools.partial(dummy_forward, encoder) if self._needs_dummy(name, encoder) else None
+        return self.encoder_runner.encode(name, encoder, data, sizes, dummy=dummy)
 
-    def _run_encoder(self, kind: str, encoder, *inputs) -> torch.Tensor:
-        if self.encoder_parallel is None:
-            return encoder(*inputs)
-        dummy = getattr(self, f"_dummy_{kind}") if self._needs_dummy(kind, encoder) else None
-        return self.encoder_parallel.encode(kind, encoder, *inputs, dummy=dummy)
-
-    def _needs_dummy(self, kind: str, encoder: torch.nn.Module) -> bool:
-        if self.encoder_parallel is not None and self.encoder_parallel.encodes_ahead(kind):
-            return False  # encoded ahead of the schedule, which runs the dummy where a share is empty
+    def _needs_dummy(self, name: str, encoder: torch.nn.Module) -> bool:
+        if self.encoder_runner is not None and self.encoder_runner.owns_dummy(name):
+            return False  # e.g. encoded ahead of the pipeline schedule, which runs the dummy where a share is empty
         return self.dummy_encoder_forward and self.training and any(p.requires_grad for p in encoder.parameters())
 
-    def _dummy_vision(self) -> torch.Tensor:
-        """One image of a single merge block (spatial_merge_size^2 patches) of zeros."""
-        vc = self.cfg.image_encoder.vision_encoder
-        m = vc.spatial_merge_size
-        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-        weight = self.image_encoder.encoder.patch_embed.proj.weight
-        pixels = torch.zeros(m * m, width, dtype=weight.dtype, device=weight.device)
-        return self.image_encoder(pixels, torch.tensor([[1, m, m]]))
 
-    def _dummy_audio(self) -> torch.Tensor:
-        """One clip of 4 zero mel frames (one audio token)."""
-        ac = self.cfg.audio_encoder.audio_encoder
-        weight = self.audio_encoder.encoder.conv1.weight
-        feats = torch.zeros(1, ac.num_mel_bins, 4, dtype=weight.dtype, device=weight.device)
-        return self.audio_encoder(feats, torch.tensor([4], device=weight.device))
+# what each encoder reads, for messages
+_MEDIA = {"image_encoder": "images/videos", "audio_encoder": "audio"}
 
 
 def vision_inputs(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
@@ -241,17 +234,6 @@ def audio_inputs(input_features, feature_attention_mask):
     else:
         lens = feature_attention_mask.sum(-1)
     return input_features, lens
-
-
-def _drop_encoder_copies(module, state_dict, prefix, local_metadata):
-    for key in [k for k in state_dict if k[len(prefix):].startswith(tuple(module.encoder_copies))]:
-        del state_dict[key]
-
-
-def _allow_missing_encoder_copies(module, incompatible_keys):
-    # a later stage's encoder copies are not in its checkpoint: they are broadcast from the first stage
-    missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith(tuple(module.encoder_copies))]
 
 
 def scatter_features(embeds: torch.Tensor, input_ids: torch.Tensor,

@@ -3,8 +3,8 @@
 Greedy longest-processing-time (LPT): items in decreasing cost, each to the least-loaded rank
 (ties: the lower item index first, the lower rank first), so every rank computes the same
 assignment from the same inputs without any communication. LPT's makespan is within 4/3 of the
-optimum. Costs are what the encoders' work grows with: patches for an image or video
-(``t * h * w`` of its grid), valid mel frames for an audio clip.
+optimum. Costs are what each encoder declares its work per item grows with
+(:meth:`mm_omni.models.common.encoder_api.ItemEncoder.item_costs`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Encoders as pure data parallel inside a decoder tensor(-and-context)-parallel group (``--hetero-parallel``).
 
 The ranks of one decoder TP group (TP x CP group when the decoder runs context parallel) share a
-micro-batch. With an encoder at ``tp: 1`` each of them
-encodes a cost-balanced share of the micro-batch's media (:func:`~mm_omni.parallel.balance.lpt_assign`
-over patch counts / mel frames) with its own full (tp=1) copy of the encoder, and an autograd-aware
-all-gather rebuilds the full feature tensor, in the original order, on every rank of the group.
+micro-batch. With an encoder at ``tp: 1`` each of them encodes a cost-balanced share of the
+micro-batch's media items (:func:`~mm_omni.parallel.balance.lpt_assign` over the costs the encoder
+declares, :class:`~mm_omni.models.common.encoder_api.ItemEncoder`) with its own full (tp=1) copy of
+the encoder, and an autograd-aware all-gather rebuilds the full feature tensor, in the original order,
+on every rank of the group.
 
 Backward: the gradient w.r.t. the gathered features is the same on every rank of the group
 (megatron keeps the gradient of a TP-replicated activation replicated: the column-parallel input
@@ -22,6 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from mm_omni.models.common.encoder_api import ItemEncoder
 from mm_omni.parallel.balance import imbalance, lpt_assign, rank_loads
 
 logger = logging.getLogger(__name__)
@@ -56,69 +58,39 @@ class _GatherRows(torch.autograd.Function):
 
 
 class EncoderDataParallel:
-    """Runs an encoder on this rank's share of the media and gathers the features over ``group``.
+    """Runs an encoder on this rank's share of the media items and gathers the features over ``group``.
 
-    ``width``: the features' width (the text decoder's hidden size); ``merge``: vision tokens per
-    patch block (``spatial_merge_size ** 2``).
+    ``width``: the features' width (the text decoder's hidden size).
     """
 
-    def __init__(self, group, width: int, merge: int, cp_group=None, balance: str = "cost"):
+    def __init__(self, group, width: int, cp_group=None, balance: str = "cost"):
         if balance not in ("cost", "count"):
             raise ValueError(f"balance={balance!r}: expected 'cost' or 'count'")
-        self.group, self.width, self.merge, self.cp_group = group, width, merge, cp_group
+        self.group, self.width, self.cp_group = group, width, cp_group
         self.balance = balance
         self.size, self.rank = group.size(), group.rank()
-        self.stats: dict[str, list] = {}  # kind -> [calls, sum of imbalance, worst]
+        self.stats: dict[str, list] = {}  # encoder name -> [calls, sum of imbalance, worst]
 
-    def vision(self, encoder, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+    def encode(self, name: str, encoder: ItemEncoder, data: torch.Tensor, sizes: torch.Tensor,
                dummy: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
-        patches = grid_thw.prod(-1).tolist()
-        owners = self._assign("vision", patches)
+        """``encoder(data, sizes)`` of every item, each item encoded on one rank of the group."""
+        owners = self._assign(name, encoder.item_costs(sizes))
         mine = [i for i, o in enumerate(owners) if o == self.rank]
-        local = None
-        if mine:
-            starts = [0]
-            for p in patches:
-                starts.append(starts[-1] + p)
-            rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine]).to(pixel_values.device)
-            local = encoder(pixel_values.index_select(0, rows), grid_thw[torch.tensor(mine)])
-        return self._gather(encoder, local, [p // self.merge for p in patches], owners, dummy)
-
-    def audio(self, encoder, input_features: torch.Tensor, feature_lens: torch.Tensor,
-              dummy: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
-        from mm_omni.models.audio.front_end import conv_output_lengths
-
-        frames = feature_lens.tolist()
-        owners = self._assign("audio", frames)
-        mine = [i for i, o in enumerate(owners) if o == self.rank]
-        local = None
-        if mine:
-            idx = torch.tensor(mine)
-            lens = feature_lens[idx.to(feature_lens.device)]
-            if input_features.dim() == 3:  # padded [n_audio, mel, T]
-                feats = input_features.index_select(0, idx.to(input_features.device))
-            else:  # transformers' flat valid frames [mel, sum(lens)]
-                starts = [0]
-                for f in frames:
-                    starts.append(starts[-1] + f)
-                cols = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine])
-                feats = input_features.index_select(1, cols.to(input_features.device))
-            local = encoder(feats, lens)
-        tokens = conv_output_lengths(feature_lens.cpu())[1].tolist()
-        return self._gather(encoder, local, tokens, owners, dummy)
+        local = encoder(*encoder.take_items(data, sizes, mine)) if mine else None
+        return self._gather(encoder, local, encoder.item_tokens(sizes), owners, dummy)
 
     # -- internals ---------------------------------------------------------------------------
-    def _assign(self, kind: str, costs: list[int]) -> list[int]:
+    def _assign(self, name: str, costs: list[int]) -> list[int]:
         if self.balance == "cost":
             owners = lpt_assign(costs, self.size)
         else:  # equal item counts, in order (what a split by rows does): the baseline of bench/hetero.py
             owners = [i * self.size // len(costs) for i in range(len(costs))]
         ratio = imbalance(costs, owners, self.size)
-        calls, total, worst = self.stats.get(kind, [0, 0.0, 1.0])
-        self.stats[kind] = [calls + 1, total + ratio, max(worst, ratio)]
+        calls, total, worst = self.stats.get(name, [0, 0.0, 1.0])
+        self.stats[name] = [calls + 1, total + ratio, max(worst, ratio)]
         level = logging.INFO if calls == 0 and dist.get_rank() == 0 else logging.DEBUG
-        logger.log(level, "hetero %s encoder: %d items over %d ranks, cost per rank %s, imbalance max/mean "
-                   "%.3f (running mean %.3f, worst %.3f)", kind, len(costs), self.size,
+        logger.log(level, "hetero %s split: %d items over %d ranks, cost per rank %s, imbalance max/mean "
+                   "%.3f (running mean %.3f, worst %.3f)", name, len(costs), self.size,
                    rank_loads(costs, owners, self.size), ratio, (total + ratio) / (calls + 1), max(worst, ratio))
         return owners
 
@@ -143,6 +115,6 @@ class EncoderDataParallel:
         full = _GatherRows.apply(local, torch.cat(index).to(local.device), mine_t.to(local.device),
                                  max_rows, self.group, self.cp_group)
         if not mine and dummy is not None:
-            # an empty share: a dummy forward keeps every parameter in this rank's backward (DESIGN §3)
+            # an empty share: a dummy forward keeps every parameter in this rank's backward
             full = full + 0.0 * dummy().sum().to(full.dtype)
         return full

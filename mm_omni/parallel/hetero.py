@@ -25,7 +25,13 @@ LoRA adapters are added after the model is built and would miss the marking: LoR
 in the decoder while an encoder is split (checked).
 
 Checkpoints: every TP rank's file holds the full tp=1 encoder, which is what ``mm-convert`` writes with
-``vit_tp_size 1`` / ``audio_tp_size 1`` and ``tp_size`` = the decoder's.
+the encoders' tp sizes at 1 and ``tp_size`` = the decoder's.
+
+What this module knows of the model: the encoder blocks model.json sets (their keys,
+:func:`mm_omni.config.encoder_blocks.encoder_blocks`, are the model's attribute names), the model's
+``encoders`` / ``encoder_pg_collections`` arguments and ``encoder_runner`` seam, and the encoders' item
+protocol (:class:`mm_omni.models.common.encoder_api.ItemEncoder`). The checks of the sizes, before any
+process group exists, are :mod:`mm_omni.config.hetero_layout`.
 """
 
 from __future__ import annotations
@@ -33,84 +39,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import logging
-import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from mm_omni.config.arguments import ArgumentsError
+from mm_omni.config.encoder_blocks import encoder_blocks
 
 logger = logging.getLogger(__name__)
-
-KINDS = {"vision": "image_encoder", "audio": "audio_encoder"}
-
-
-def _fail(key: str, value, fix: str) -> None:
-    raise ArgumentsError(f"{key}={value}: {fix}")
-
-
-def resolve_layout(args: argparse.Namespace, model_cfg, world_size: int) -> None:
-    """Check the hetero layout and put the decoder's sizes into ``args`` (before any model exists)."""
-    if model_cfg is None:
-        _fail("--hetero-parallel", True, "the per-module sizes come from model.json: also give --mm-model")
-    sizes = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size)
-    if sizes != (1, 1, 1):
-        _fail("--hetero-parallel", True, f"the launcher's TP, PP and CP must all be 1 (got {sizes}): the sizes "
-              "come from model.json (text_decoder.tp/pp/cp); set TP=1 PP=1 CP=1 in the script")
-    if args.hetero_encoder_mbs_scale != 1:
-        _fail("--hetero-encoder-mbs-scale", args.hetero_encoder_mbs_scale,
-              "the encoders here encode each decoder micro-batch's media, split across its TP group; "
-              "leave it at 1")
-    text = model_cfg.text_decoder
-    for kind, key in KINDS.items():
-        block = getattr(model_cfg, key)
-        if block is None:
-            continue
-        if block.pp != 1 or block.cp != 1:
-            _fail(f"{key}.pp/cp", f"{block.pp}/{block.cp}", "an encoder runs whole on each rank (no PP, no "
-                  "CP: its sequences are short); set both to 1 (tp: 1 spreads it over all ranks)")
-        if block.tp not in (1, text.tp):
-            _fail(f"{key}.tp", block.tp, f"an encoder runs pure data parallel (tp: 1) or follows the decoder's "
-                  f"TP group (tp: text_decoder.tp = {text.tp}); set it to 1 or {text.tp}")
-    split = [key for key in KINDS.values() if getattr(model_cfg, key) is not None
-             and getattr(model_cfg, key).tp == 1 and text.tp * text.cp * text.pp > 1]
-    if split and getattr(args, "lora_target_modules", None):
-        _check_lora_targets(args.lora_target_modules, split)
-    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = text.tp, text.pp
-    args.context_parallel_size = text.cp
-
-
-def _check_lora_targets(values, split: list[str]) -> None:
-    """LoRA adapters are added after the model is built, so they miss the tp=1 encoders' replication."""
-    from mm_omni.lora.targets import LoraTargetError, parse_targets
-
-    try:
-        targets = parse_targets(values)
-    except LoraTargetError:
-        return  # the LoRA checks report it
-    for t in targets:
-        if not t.path.startswith("text_decoder"):
-            _fail("--lora-target-modules", t.text, f"with --hetero-parallel, LoRA on the tp=1 encoders "
-                  f"({', '.join(split)}) is not supported yet; target the decoder only, e.g. "
-                  f"text_decoder.{t.text.rpartition('.')[2]}")
-
-
-def check_batch(args: argparse.Namespace, model_cfg, world_size: int) -> None:
-    """MindSpeed-MM's rule: the decoder's DP x MBS must be divisible by every encoder's DP (world / its tp)."""
-    for key in KINDS.values():
-        block = getattr(model_cfg, key)
-        if block is None:
-            continue
-        enc_dp = world_size // block.tp
-        if (args.data_parallel_size * args.micro_batch_size) % enc_dp:
-            _fail("--micro-batch-size", args.micro_batch_size,
-                  f"with --hetero-parallel the decoder's DP x MBS = {args.data_parallel_size} x "
-                  f"{args.micro_batch_size} must be divisible by {key}'s DP = world {world_size} / {key}.tp "
-                  f"{block.tp} = {enc_dp} (so every encoder rank gets an equal share); raise --micro-batch-size "
-                  f"to a multiple of {enc_dp // math.gcd(enc_dp, args.data_parallel_size)}")
 
 
 class HeteroEncoders:
@@ -131,9 +71,10 @@ class HeteroEncoders:
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         # the ranks that share a micro-batch: the TP group, times the CP group when the decoder runs CP
         self.split_group = parallel_state.get_tensor_and_context_parallel_group() if cp > 1 else self.tp_group
-        self.split = {kind for kind, key in KINDS.items()
-                      if getattr(model_cfg, key) is not None and getattr(model_cfg, key).tp == 1
-                      and tp * cp * pp > 1}
+        blocks = encoder_blocks(model_cfg)
+        self.names = tuple(blocks)  # model.json's encoder blocks, in the schema's order
+        # the pure-DP ones, in that order (every rank runs their collectives in it)
+        self.split = tuple(name for name, block in blocks.items() if block.tp == 1 and tp * cp * pp > 1)
         self.grad_group = self.tp_group  # where reduce_grads sums the split encoders' gradients
         self._pgc, self.ahead, cp_group = None, None, parallel_state.get_context_parallel_group() if cp > 1 else None
         self._src = dist.get_global_rank(self.split_group, 0)
@@ -148,39 +89,67 @@ class HeteroEncoders:
             if pp > 1:  # every stage encodes: split over the whole replica, ahead of the schedule
                 self.split_group, cp_group, self._src = _replica_groups()
                 self.grad_group = parallel_state.get_model_parallel_group()
-        vision = model_cfg.image_encoder.vision_encoder if model_cfg.image_encoder is not None else None
-        merge = vision.spatial_merge_size ** 2 if vision is not None else 1
-        self.dispatch = EncoderDataParallel(self.split_group, model_cfg.text_decoder.hidden_size, merge,
+        self.dispatch = EncoderDataParallel(self.split_group, model_cfg.text_decoder.hidden_size,
                                             cp_group=cp_group, balance=balance)
         if self.split and pp > 1:
-            self.ahead = EncodeAhead(self.dispatch, self.split, merge)
+            self.ahead = EncodeAhead(self.dispatch, self.split)
         if dist.get_rank() == 0:
             logger.info("hetero parallel: decoder TP %d CP %d PP %d; encoders split over each %s (pure DP): "
                         "%s; following the decoder's TP: %s", tp, cp, pp,
                         "replica's TP x CP x PP ranks, ahead of the pipeline" if pp > 1 else "TP x CP group",
-                        sorted(self.split) or "none",
-                        sorted(set(k for k, key in KINDS.items() if getattr(model_cfg, key) is not None)
-                               - self.split) or "none")
+                        sorted(self.split) or "none", sorted(set(self.names) - set(self.split)) or "none")
 
-    def encodes_ahead(self, kind: str) -> bool:
-        """Whether ``kind`` is encoded by every pipeline stage ahead of the schedule (a copy on each)."""
-        return self.ahead is not None and kind in self.split
+    # -- building the model ------------------------------------------------------------------
+    def encodes_ahead(self, name: str) -> bool:
+        """Whether encoder ``name`` is encoded by every pipeline stage ahead of the schedule (a copy on each)."""
+        return self.ahead is not None and name in self.split
 
-    def pg_collection(self, kind: str):
-        """Process groups to build encoder ``kind`` with (a size-1 TP group), or None: megatron's."""
-        return self._pgc if kind in self.split else None
+    def pg_collection(self, name: str):
+        """Process groups to build encoder ``name`` with (a size-1 TP group), or None: megatron's."""
+        return self._pgc if name in self.split else None
 
-    def encode(self, kind: str, encoder, *inputs, dummy=None) -> torch.Tensor:
-        if kind not in self.split:
+    def model_kwargs(self, pre_process: bool, vp_stage: Optional[int]) -> dict:
+        """The model's ``encoders`` / ``encoder_pg_collections`` for this pipeline chunk: every encoder on
+        the first stage; under decoder PP also a copy of each encoder encoded ahead on every other stage's
+        first chunk (it encodes a share of each step's media, :mod:`mm_omni.parallel.encode_ahead`)."""
+        first_chunk = vp_stage in (None, 0)
+        names = [n for n in self.names if pre_process or (first_chunk and self.encodes_ahead(n))]
+        return dict(encoders=names, encoder_pg_collections={n: self.pg_collection(n) for n in names
+                                                            if self.pg_collection(n) is not None})
+
+    def build_model(self, model_cls, model_cfg, pre_process: bool = True, post_process: bool = True,
+                    vp_stage: Optional[int] = None, **kwargs) -> torch.nn.Module:
+        """``model_cls(model_cfg, ...)`` of this chunk with the hetero encoders (:meth:`model_kwargs`),
+        prepared (:meth:`prepare`)."""
+        model = model_cls(model_cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                          **self.model_kwargs(pre_process, vp_stage), **kwargs)
+        self.prepare(model)
+        return model
+
+    # -- the model's encoder_runner ----------------------------------------------------------
+    def owns_dummy(self, name: str) -> bool:
+        """Whether the dummy forward of ``name`` runs here rather than in the model's forward."""
+        return self.encodes_ahead(name)
+
+    def encode(self, name: str, encoder, *inputs, dummy=None) -> torch.Tensor:
+        if name not in self.split:
             return encoder(*inputs)
         if self.ahead is not None:
-            return self.ahead.encode(kind, *inputs)
-        return getattr(self.dispatch, kind)(encoder, *inputs, dummy=dummy)
+            return self.ahead.encode(name, *inputs)
+        return self.dispatch.encode(name, encoder, *inputs, dummy=dummy)
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """Mark the split encoders' parameters as TP-replicated (a later stage's copies as ``shared``:
-        grad norm counts the first stage's) and make them equal over the ranks that split them."""
-        copies = bool(getattr(model, "encoder_copies", None))
+        """Run the model's encoder calls through this object; mark the split encoders' parameters as
+        TP-replicated (a later stage's copies as ``shared``: grad norm counts the first stage's) and
+        make them equal over the ranks that split them. A later stage's copies are left out of its
+        state dict (the first stage saves the encoder) and may be missing from what it loads (they are
+        broadcast from the first stage)."""
+        model.encoder_runner = self
+        copies = [] if model.pre_process else [f"{name}." for name in model.encoders()]
+        if copies:
+            model.encoder_copies = copies
+            model._register_state_dict_hook(functools.partial(_drop_encoder_copies, tuple(copies)))
+            model.register_load_state_dict_post_hook(functools.partial(_allow_missing_encoder_copies, tuple(copies)))
         for p in self._split_params(model):
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = False, -1, 1
             p.hetero_replicated = True
@@ -196,23 +165,20 @@ class HeteroEncoders:
             dist.broadcast(p.data, src=self._src, group=self.split_group)
 
     def after_load(self, chunks) -> None:
-        from mm_omni.training.model_setup import unwrap
-
         for chunk in chunks:
-            self.sync(unwrap(chunk))
+            self.sync(_inner(chunk))
 
     def _split_params(self, model):
-        for kind in (k for k in KINDS if k in self.split):  # a fixed order: the broadcasts must match
-            encoder = getattr(model, KINDS[kind], None)
+        for name in self.split:  # a fixed order: the broadcasts must match
+            encoder = getattr(model, name, None)
             if encoder is not None:
                 yield from encoder.parameters()
 
     def before_schedule(self, chunks, batches: list, forward_only: bool) -> None:
         """Encode the step's media ahead of the pipeline schedule (decoder PP)."""
         from mm_omni.platform import get_platform
-        from mm_omni.training.model_setup import unwrap
 
-        model = unwrap(chunks[0])  # the first chunk holds the encoders (or their copies)
+        model = _inner(chunks[0])  # the first chunk holds the encoders (or their copies)
         self.ahead.run(model, batches, get_platform().device, training=not forward_only and model.training)
 
     def before_grad_sync(self, chunks) -> None:
@@ -220,8 +186,6 @@ class HeteroEncoders:
         TP x PP ranks *before* megatron reduces over DP: a later stage's copies sit elsewhere in its
         gradient buffer than the first stage's, so after a distributed optimizer's reduce-scatter the
         ranks would own different slices of them."""
-        from mm_omni.training.model_setup import unwrap
-
         with contextlib.ExitStack() as stack:
             for chunk in chunks:  # overlapped reduction: not before the sum
                 if hasattr(chunk, "no_sync"):
@@ -230,7 +194,7 @@ class HeteroEncoders:
         self._sum_grads(chunks)
         for chunk in chunks:  # now megatron's (overlapped) reduction may take them
             if getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False):
-                for p in self._split_params(unwrap(chunk)):
+                for p in self._split_params(_inner(chunk)):
                     if p.requires_grad:
                         chunk.param_to_bucket_group[p].register_grad_ready(p, chunk.force_all_reduce)
 
@@ -263,6 +227,22 @@ def hetero_encoders(args: argparse.Namespace, model_cfg) -> Optional[HeteroEncod
     if not getattr(args, "hetero_parallel", False):
         return None
     return HeteroEncoders(model_cfg, balance=getattr(args, "hetero_encoder_balance", "cost"))
+
+
+def _inner(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The module inside megatron's DDP wrapper."""
+    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
+
+
+def _drop_encoder_copies(copies: tuple, module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k[len(prefix):].startswith(copies)]:
+        del state_dict[key]
+
+
+def _allow_missing_encoder_copies(copies: tuple, module, incompatible_keys):
+    # a later stage's encoder copies are not in its checkpoint: they are broadcast from the first stage
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith(copies)]
 
 
 def _replica_groups():

@@ -17,13 +17,13 @@ left trainable, so nothing trained is lost) plus everything else above, marked `
 ``--load`` and the rest from ``--lora-load DIR`` (MindSpeed-MM / ModelLink): the base's weights
 load first, then DIR's trainable parameters, optimizer, scheduler, RNG and data position.
 
-Every file is read through :func:`mm_omni.checkpoint_file.load_torch_file` (``weights_only``): a
+Every file is read through :func:`mm_omni.checkpoint.files.load_torch_file` (``weights_only``): a
 truncated or overwritten file fails naming it, "damaged or truncated", and what to do instead.
 
 Atomic: every rank writes under ``<dir>/.iter_XXXXXXX.tmp`` and fsyncs its files; after a barrier
 rank 0 renames the directory into place and only then replaces ``latest_checkpointed_iteration.txt``
 (write a temp file, fsync, rename). A save interrupted at any point leaves the previous checkpoint
-and the tracker file as they were.
+and the tracker file as they were. The layout and the atomic steps are :mod:`mm_omni.checkpoint.format`'s.
 """
 
 from __future__ import annotations
@@ -41,32 +41,19 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.safe_globals import register_safe_globals
 
-from mm_omni.checkpoint_file import RESUME_REMEDY, load_torch_file
+from mm_omni.checkpoint.files import RESUME_REMEDY, load_torch_file
+from mm_omni.checkpoint.format import (CHECKPOINT_VERSION, MODEL_FILE, TRACKER, chunk_keys, fsync_dir, iteration_dir,
+                                       rank_dir_name, read_tracker, replace_dir, write_tracker)
+from mm_omni.checkpoint.format import save_synced as _save_synced
 from mm_omni.training.model_setup import unwrap
 
 logger = logging.getLogger(__name__)
-
-TRACKER = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 3.0
-
-
-def iteration_dir(root: Path, iteration: Optional[int]) -> Path:
-    return root / ("release" if iteration is None else f"iter_{iteration:07d}")
-
-
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
 def _my_rank_dir() -> str:
     return rank_dir_name(parallel_state.get_tensor_model_parallel_rank(),
                          parallel_state.get_pipeline_model_parallel_rank(),
                          parallel_state.get_pipeline_model_parallel_world_size())
-
-
-def read_tracker(root: Path) -> Optional[str]:
-    tracker = root / TRACKER
-    return tracker.read_text().strip() if tracker.is_file() else None
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -99,7 +86,7 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
             state["rng_state"] = rng
         rank_dir = tmp / _my_rank_dir()
         rank_dir.mkdir(parents=True, exist_ok=True)
-        _save_synced(state, rank_dir / "model_optim_rng.pt")
+        _save_synced(state, rank_dir / MODEL_FILE)
         if param_state is not None:
             _save_synced(param_state, rank_dir / "distrib_optim.pt")
     torch.distributed.barrier()
@@ -121,9 +108,7 @@ def model_state(chunks, trainable_only: bool = False) -> dict:
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         return {k: v for k, v in sd.items() if k in trainable}
 
-    if len(chunks) == 1:
-        return {"model": state(chunks[0])}
-    return {f"model{i}": state(c) for i, c in enumerate(chunks)}
+    return {key: state(c) for key, c in zip(chunk_keys(len(chunks)), chunks)}
 
 
 def _dist_optimizers(optimizer) -> list:
@@ -170,39 +155,13 @@ def _load_dist_param_state(optimizer, path: Path) -> None:
                 st["step"] = step.clone()
 
 
-def _save_synced(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
     """Rename the finished directory into place, then point the tracker at it (each step atomic)."""
     for d in tmp.iterdir():
-        _fsync_dir(d)
-    _fsync_dir(tmp)
-    if final.exists():  # saving the same iteration again: move the old one aside first
-        old = root / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(tmp, final)
-    tracker_tmp = root / f".{TRACKER}.tmp"
-    with open(tracker_tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tracker_tmp, root / TRACKER)
-    _fsync_dir(root)
+        fsync_dir(d)
+    fsync_dir(tmp)
+    replace_dir(tmp, final)  # saving the same iteration again: the old one is moved aside first
+    write_tracker(root, str(iteration))
 
 
 def _rng_state() -> dict:
@@ -297,7 +256,7 @@ def _rank_file(root: Path, flag: str, args: argparse.Namespace,
     if not release and not tag.isdigit():
         raise ValueError(f"{flag} {root}: {root / TRACKER} says {tag!r}, neither an iteration number nor 'release'; "
                          f"{RESUME_REMEDY}")
-    path = iteration_dir(root, None if release else int(tag)) / _my_rank_dir() / "model_optim_rng.pt"
+    path = iteration_dir(root, None if release else int(tag)) / _my_rank_dir() / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{flag} {root}: {path} is missing (does the checkpoint's TP/PP layout match "
                                 f"--tensor-model-parallel-size {args.tensor_model_parallel_size} / "
@@ -314,12 +273,8 @@ def _same_dir(a, b) -> bool:
     return b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def _chunk_keys(chunks) -> list[str]:
-    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-
-
 def _load_model(chunks, state: dict, path: Path, adapters_follow: bool = False) -> None:
-    for key, chunk in zip(_chunk_keys(chunks), chunks):
+    for key, chunk in zip(chunk_keys(len(chunks)), chunks):
         if key not in state:
             raise KeyError(f"{path}: no '{key}' entry (found {sorted(state)}); virtual pipeline layout differs?")
         result = unwrap(chunk).load_state_dict(state[key], strict=False)
@@ -343,7 +298,7 @@ def _load_model(chunks, state: dict, path: Path, adapters_follow: bool = False) 
 def _load_trainable(chunks, state: dict, path: Path) -> None:
     """``--lora-load``: every trainable parameter from ``state`` over the base. Each must be there (none
     may silently keep its initialisation) with its shape, and nothing unknown to the model may be."""
-    for key, chunk in zip(_chunk_keys(chunks), chunks):
+    for key, chunk in zip(chunk_keys(len(chunks)), chunks):
         if key not in state:
             raise KeyError(f"{path}: no '{key}' entry (found {sorted(state)}); virtual pipeline layout differs?")
         module, saved = unwrap(chunk), state[key]

@@ -14,7 +14,7 @@ def iteration_line(iteration: int, train_iters: int, consumed: int, ms_per_iter:
                    global_batch_size: int, losses: dict, grad_norm: Optional[float],
                    tokens_per_sec_per_device: Optional[float] = None, loss_scale: Optional[float] = None,
                    skipped: int = 0, tflops_per_device: Optional[float] = None, mfu: Optional[float] = None) -> str:
-    """The line Megatron prints (DESIGN.md §7), e.g.
+    """The line Megatron prints, field for field (names, widths, separators), e.g.
     `` iteration       10/     100 | consumed samples: 80 | elapsed time per iteration (ms): 812.3 | ...``"""
     parts = [f" iteration {iteration:8d}/{train_iters:8d}", f"consumed samples: {consumed}",
              f"elapsed time per iteration (ms): {ms_per_iter:.1f}", f"learning rate: {lr:.6E}",

@@ -7,7 +7,9 @@ megatron-core's layout: equal counts, or a different first and/or last stage wit
 stages (``[1, 10, 10, 7]``); a nested list (VPP) must be uniform. Anything else is rejected before a
 model is built, naming the key. With ``--hetero-parallel`` the sizes come from model.json's tp/pp
 keys and tp=1 encoders split each micro-batch's media over the decoder's TP group
-(:mod:`mm_omni.parallel.hetero`).
+(:mod:`mm_omni.parallel.hetero`, which also builds each chunk's encoders). Each forward runs with the
+decoder's token layout (:func:`mm_omni.parallel.decoder_layout.decoder_layout`: the context-parallel
+split and the sequence-parallel scatter of its input).
 """
 
 from __future__ import annotations
@@ -21,28 +23,20 @@ import torch
 from megatron.core import parallel_state
 
 from mm_omni.config.arguments import ArgumentsError
+from mm_omni.config.encoder_blocks import encoder_stacks
 from mm_omni.config.model import OmniModelConfig
 from mm_omni.platform import get_platform
-from mm_omni.training.flops import omni_batch_flops
-from mm_omni.training.model_setup import params_dtype
+from mm_omni.training.model_setup import params_dtype, unwrap
 from mm_omni.training.task import TrainTask
 
 logger = logging.getLogger(__name__)
-# the encoders' index bookkeeping and the decoder's padding check read these on the host
-_HOST_KEYS = ("image_grid_thw", "video_grid_thw", "feature_attention_mask", "attention_mask")
-
-# what OmniModel.forward takes from a collated batch
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "image_grid_thw",
-              "pixel_values_videos", "video_grid_thw", "input_features", "feature_attention_mask",
-              "use_audio_in_video", "video_second_per_grid", "cu_seqlens")
 
 
 def pipeline_overrides(cfg: OmniModelConfig, pp: int, vpp: Optional[int]) -> dict:
     """megatron TransformerConfig fields that reproduce ``text_decoder.pipeline_num_layers``."""
     text = cfg.text_decoder
-    for name, enc in (("image_encoder.vision_encoder", cfg.image_encoder and cfg.image_encoder.vision_encoder),
-                      ("audio_encoder.audio_encoder", cfg.audio_encoder and cfg.audio_encoder.audio_encoder)):
-        if enc is not None and enc.pipeline_num_layers is not None:
+    for name, enc in encoder_stacks(cfg).items():
+        if enc.pipeline_num_layers is not None:
             flat = [n for chunk in enc.stage_layers() for n in chunk]
             if any(flat[1:]):
                 raise ArgumentsError(f"{name}.pipeline_num_layers={enc.pipeline_num_layers}: encoders run whole on "
@@ -80,6 +74,10 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
     from mm_omni.config.data import load_data_config
     from mm_omni.data import OmniSFTDataset, build_dataloader
     from mm_omni.models.omni import OmniModel
+    from mm_omni.models.omni_flops import omni_batch_flops
+    from mm_omni.parallel.context_parallel import pad_for_context_parallel
+    from mm_omni.parallel.decoder_layout import decoder_layout, split_multiple
+    from mm_omni.parallel.hetero import hetero_encoders
 
     data_cfg = load_data_config(args.mm_data)
     overrides = dict(pipeline_overrides(model_cfg, args.pipeline_model_parallel_size, args.vpp_size),
@@ -88,20 +86,16 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
                      calculate_per_token_loss=args.calculate_per_token_loss,
                      context_parallel_size=args.context_parallel_size)
     dataset: list = []
-    # CP splits every sequence into 2 x CP chunks, sequence parallel the (CP-local) row over TP
-    multiple = (2 * args.context_parallel_size if args.context_parallel_size > 1 else 1) * (
-        args.tensor_model_parallel_size if args.sequence_parallel else 1)
-    from mm_omni.parallel.hetero import hetero_encoders
-
+    multiple = split_multiple(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel)
     hetero = hetero_encoders(args, model_cfg)  # None without --hetero-parallel
     ahead = hetero is not None and hetero.ahead is not None  # encoders on every stage, ahead of the schedule
 
     def provider(pre_process, post_process, vp_stage):
-        model = OmniModel(model_cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
-                          text_config_overrides=overrides, encoder_parallel=hetero)
-        if hetero is not None:
-            hetero.prepare(model)
-        return model
+        if hetero is not None:  # which encoders this chunk holds, on which groups, and how their calls run
+            return hetero.build_model(OmniModel, model_cfg, pre_process, post_process, vp_stage,
+                                      text_config_overrides=overrides)
+        return OmniModel(model_cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                         text_config_overrides=overrides)
 
     def data_iterator(consumed: int):
         if not dataset:  # scanned once, shared by the pipeline chunks
@@ -114,16 +108,15 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
 
     def forward(model, batch):
         if multiple > 1:
-            from mm_omni.parallel.context_parallel import pad_for_context_parallel
-
             batch = pad_for_context_parallel(batch, multiple)
-        # tensors to the accelerator (a no-op on the CPU); grid_thw and the audio mask stay on the host,
-        # where the encoders' index bookkeeping runs without a device sync
+        # tensors to the accelerator (a no-op on the CPU); the model's host keys stay on the host, where
+        # the encoders' index bookkeeping and the decoder's padding check run without a device sync
         device = get_platform().device
-        return model(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in _HOST_KEYS
-                        else v for k, v in batch.items() if k in MODEL_KEYS})
+        inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in OmniModel.HOST_KEYS
+                  else v for k, v in batch.items() if k in OmniModel.INPUT_KEYS}
+        return model(**inputs, layout=decoder_layout(unwrap(model).text_decoder))
 
-    return TrainTask(name="qwen2_5_omni", model_provider=provider, forward=forward, data_iterator=data_iterator,
+    return TrainTask(name=getattr(args, "model_family", "qwen2_5_omni"), model_provider=provider, forward=forward, data_iterator=data_iterator,
                      seq_length=None, model_config=model_cfg,
                      count_flops=functools.partial(omni_batch_flops, model_cfg),
                      after_grad_sync=hetero.reduce_grads if hetero is not None else None,

@@ -19,7 +19,7 @@ from megatron.core import parallel_state, tensor_parallel
 from mm_omni.config.model import OmniModelConfig
 from mm_omni.models.omni import OmniModel
 from mm_omni.platform import get_platform
-from mm_omni.training.checkpointing import rank_dir_name
+from mm_omni.checkpoint.format import rank_dir_name
 from mm_omni.training.omni_task import pipeline_overrides
 from tests.helpers import rel_err
 from tests.parity.test_thinker import MODEL_KEYS, hf_positions, make_batch, mm_positions

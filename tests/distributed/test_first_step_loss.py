@@ -1,4 +1,4 @@
-"""Issue 5's 'done when': with ``--lr 0`` the loss logged at iteration 1 on a converted checkpoint equals
+"""Converted checkpoint + data pipeline + trainer: with ``--lr 0`` the loss logged at iteration 1 equals
 transformers' loss on the same rows.
 
 A random tiny fp32 ``Qwen2_5OmniThinkerForConditionalGeneration`` is saved in Hugging Face format, converted
@@ -101,7 +101,7 @@ def _hf_checkpoint(path: Path, **config) -> Path:
 @pytest.fixture(scope="module")
 def first_step(tmp_path_factory):
     from converters.config import HfToMmConfig
-    from converters.qwen2_5_omni.converter import Qwen2_5_OmniConverter
+    from mm_omni.models.qwen2_5_omni.converter import Qwen2_5_OmniConverter
 
     from tests.fixtures.qwen2_5_omni import QWEN_OMNI_SPECIAL_TOKENS
 

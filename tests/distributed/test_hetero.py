@@ -117,4 +117,4 @@ def test_converted_vit_tp1_checkpoint_loads_into_hetero_layout(tmp_path):
     out = run_torchrun(WORKER.with_name("hetero_ckpt_worker.py"), 2, str(mm_dir), str(hf_dir), timeout=300)
     assert out.count("HETERO_CKPT_OK") == 2, out
     print(*(line for line in out.splitlines() if "HETERO_CKPT_OK" in line), sep="\n")  # measured error (-s)
-    assert "'vision': 1" in out and "'audio': 1" in out, out  # the media really went through the split
+    assert "'image_encoder': 1" in out and "'audio_encoder': 1" in out, out  # the media really went through the split

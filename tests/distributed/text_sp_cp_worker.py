@@ -4,7 +4,7 @@ gives the single-GPU decoder's logits, loss and gradients; padded and packed bat
 Rows have lengths 12 and 7. Phase 1 builds the TP=1/CP=1 reference on every rank from transformers'
 weights. Phase 2 (TP=2 + SP) and phase 3 (CP=2, zig-zag split of every sequence) run the same rows,
 padded by :func:`pad_for_context_parallel` to what the split needs (the packed row's 7-token sequence
-becomes 8), and compare on the real tokens. Gradients are reduced as training reduces them: norm
+becomes 8), with the decoder's parallel token layout (:func:`decoder_layout`), and compare on the real tokens. Gradients are reduced as training reduces them: norm
 weights summed over TP under SP (megatron's ``finalize_model_grads``), everything summed over CP
 (DDP over DP x CP).
 """
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from mm_omni.parallel.context_parallel import pad_for_context_parallel, split_for_context_parallel
+from mm_omni.parallel.decoder_layout import decoder_layout
 from mm_omni.platform import get_platform
 from tests.conftest import tiny_thinker_config
 from tests.distributed.text_tp_worker import compare, gathered_grads, load_sharded, reference_cases, run_model
@@ -54,7 +55,7 @@ def main():
     assert len(marked) == 2 * cfg.text_config.num_hidden_layers + 1, marked  # 2 norms per layer + final norm
     for name, batch in cases.items():
         padded = pad_for_context_parallel(batch, 2)
-        logits, loss, grads = run_model(model, **_inputs(padded))
+        logits, loss, grads = run_model(model, layout=decoder_layout(model), **_inputs(padded))
         grads = gathered_grads(model, grads, world)
         for n in marked:  # what finalize_model_grads does for sequence_parallel parameters
             dist.all_reduce(grads[n])
@@ -72,7 +73,7 @@ def main():
     load_mm(model, full, "")
     for name, batch in cases.items():
         padded = pad_for_context_parallel(batch, 4)
-        logits, loss, grads = run_model(model, **_inputs(padded))
+        logits, loss, grads = run_model(model, layout=decoder_layout(model), **_inputs(padded))
         for g in grads.values():
             dist.all_reduce(g, group=group)
         # this rank's logits are its zig-zag share; put the sequence back together

@@ -12,10 +12,11 @@ TOL = 1e-5
 
 
 def hf_audio_to_mm(hf_state, thinker_cfg):
-    """HF thinker names -> MindSpeed-MM names through converters' keymap once it is ready."""
-    from converters.qwen2_5_omni import keymap
+    """HF thinker names -> MindSpeed-MM names through the converter's table."""
+    from converters.common.convert import hf_state_to_mm
+    from mm_omni.models.qwen2_5_omni.convert import SPEC
 
-    return keymap.hf_to_mm(hf_state, thinker_cfg)
+    return hf_state_to_mm(SPEC, thinker_cfg, hf_state)
 
 
 def load_mm_audio(model, mm_state):

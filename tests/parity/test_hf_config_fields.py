@@ -106,7 +106,8 @@ def test_text_activation_matches_transformers(act):
 def test_audio_activation_matches_transformers(act):
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
-    from converters.qwen2_5_omni.keymap import hf_to_mm
+    from converters.common.convert import hf_state_to_mm
+    from mm_omni.models.qwen2_5_omni.convert import SPEC
     from mm_omni.models.audio import AudioEncoder
 
     init_megatron()
@@ -119,8 +120,8 @@ def test_audio_activation_matches_transformers(act):
     ours = AudioEncoder(audio_cfg)
 
     def to_mm(state):
-        return {k: v for k, v in hf_to_mm({f"model.audio_tower.{k}": v for k, v in state.items()}, cfg).items()
-                if k.startswith("audio_encoder.")}
+        mm = hf_state_to_mm(SPEC, cfg, {f"model.audio_tower.{k}": v for k, v in state.items()})
+        return {k: v for k, v in mm.items() if k.startswith("audio_encoder.")}
 
     state = {k[len("audio_encoder."):]: v for k, v in to_mm(hf.state_dict()).items()}
     missing, unexpected = ours.load_state_dict(state, strict=False)

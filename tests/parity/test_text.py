@@ -24,9 +24,10 @@ LENGTHS = (12, 7)  # two rows of different lengths
 # --------------------------------------------------------------------------------------------
 def hf_to_mm(hf_state: dict, thinker_cfg) -> dict:
     """Whole-thinker HF names (``model.language_model.*``, ``lm_head.*``, ...) -> MindSpeed-MM names."""
-    from converters.qwen2_5_omni import keymap
+    from converters.common.convert import hf_state_to_mm
+    from mm_omni.models.qwen2_5_omni.convert import SPEC
 
-    return keymap.hf_to_mm(hf_state, thinker_cfg)
+    return hf_state_to_mm(SPEC, thinker_cfg, hf_state)
 
 
 def load_mm(model: torch.nn.Module, mm_state: dict, prefix: str) -> None:

@@ -30,10 +30,11 @@ def build_hf_visual(thinker_cfg, seed: int = 0):
 
 def hf_visual_to_mm(hf_visual, thinker_cfg) -> dict:
     """HF ``visual`` state (or grads) -> MindSpeed-MM ``image_encoder.*`` names, through the converter's keymap."""
-    from converters.qwen2_5_omni.keymap import hf_to_mm
+    from converters.common.convert import hf_state_to_mm
+    from mm_omni.models.qwen2_5_omni.convert import SPEC
 
     hf_state = {f"model.visual.{k}": v for k, v in hf_visual.items()}
-    return {k: v for k, v in hf_to_mm(hf_state, thinker_cfg).items() if k.startswith("image_encoder.")}
+    return {k: v for k, v in hf_state_to_mm(SPEC, thinker_cfg, hf_state).items() if k.startswith("image_encoder.")}
 
 
 def load_mm(model, mm_state: dict):

@@ -17,7 +17,7 @@ attention layers) passes a :class:`LayerwisePackedSeqParams`.
 
 Context parallelism (the text decoder's ``--context-parallel-size``; megatron-core's own CP attention
 needs TransformerEngine). Each CP rank holds ``s / cp`` tokens of every sequence in the zig-zag layout
-of :mod:`mm_omni.parallel.context_parallel`. We **all-gather K and V** over the CP group and attend the
+of :mod:`mm_omni.models.common.context_parallel`. We **all-gather K and V** over the CP group and attend the
 local queries to the full keys, rather than passing K/V blocks around a ring:
 
 * exact and simple: one softmax over the whole key range, no online-softmax merging of partial
@@ -31,7 +31,7 @@ local queries to the full keys, rather than passing K/V blocks around a ring:
 
 Causality is expressed in global positions: the gathered rows come in rank order (their positions are
 ``ContextParallelSplit.kv_index``), and the decoder passes a mask ``[b, 1, s / cp, s]`` for padded
-batches or a :class:`~mm_omni.parallel.context_parallel.ContextParallelPackedSeqParams` for packed
+batches or a :class:`~mm_omni.models.common.context_parallel.ContextParallelPackedSeqParams` for packed
 rows. Without a mask, a causal layer builds the zig-zag causal mask of a full (unpadded) batch itself.
 """
 
@@ -50,7 +50,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mm_omni.parallel.context_parallel import (
+from mm_omni.models.common.context_parallel import (
     ContextParallelPackedSeqParams, gather_sequence, split_for_context_parallel,
 )
 from mm_omni.platform import get_platform
@@ -204,7 +204,7 @@ class CoreAttention(MegatronModule):
             return out[0].transpose(0, 1)[:, None]
         if params is not None:
             raise ValueError("packed sequences under context parallelism need ContextParallelPackedSeqParams "
-                             "(mm_omni.parallel.context_parallel.split_for_context_parallel(...).packed_params())")
+                             "(mm_omni.models.common.context_parallel.split_for_context_parallel(...).packed_params())")
         if attention_mask is None and causal:
             split = split_for_context_parallel(self.cp_group, k.shape[0], device=q.device)
             attention_mask = split.attention_mask()

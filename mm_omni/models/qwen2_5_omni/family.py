@@ -15,8 +15,8 @@ FAMILY = ModelFamily(
     config_from_hf_ref="mm_omni.models.qwen2_5_omni.hf_config:config_from_hf",
     task_ref="mm_omni.training.omni_task:omni_task",
     template_ref="mm_omni.models.qwen2_5_omni.template:TEMPLATE",
-    converter_ref="converters.qwen2_5_omni.converter:Qwen2_5_OmniConverter",
-    flops_ref="mm_omni.training.flops:omni_batch_flops",
+    converter_ref="mm_omni.models.qwen2_5_omni.converter:Qwen2_5_OmniConverter",
+    flops_ref="mm_omni.models.omni_flops:omni_batch_flops",
     features={
         "parity with transformers": "vision, audio, text stacks and the whole thinker, fp32 outputs and gradients "
                                     "(CPU tests); first-step loss through converter + data pipeline",

@@ -7,24 +7,24 @@
 embedding). Built on megatron's ``LanguageModule`` so pipeline stages get its tied-embedding
 bookkeeping (first/last stage copies, ``shared_embedding_or_output_weight``).
 
-Batches come either padded, ``[b, s]`` with an ``attention_mask`` (left or right padding; right
-padding needs no mask beyond causality, see :func:`is_right_padded`), or
+Batches come either padded, ``[b, s]`` with an ``attention_mask`` (left or right padding), or
 packed, ``b = 1`` with ``cu_seqlens`` marking where each sequence starts (the fast path on GPU:
 one varlen attention call, no padding).
 
-Parallelism beyond megatron's layers: with sequence parallelism the (full-length) decoder input is
-scattered over the TP ranks here, after the omni model merged the media features into it; the output
-layer gathers the sequence back before the loss. With context parallelism
-(``context_parallel_size > 1``) this rank keeps its zig-zag share of every sequence
-(:mod:`mm_omni.parallel.context_parallel`) of the embeddings, positions and shifted targets, before
-the sequence-parallel scatter; ``per_token_loss`` / ``loss_mask`` / ``logits`` are then this rank's
-tokens only, and ``loss`` is the mean over the whole sequence (its gradient is this rank's share).
+Where the tokens of a forward sit is the ``layout``'s business (:mod:`mm_omni.models.text.layout`):
+by default every token on this rank; with sequence or context parallelism the caller passes the
+parallel layout (:func:`mm_omni.parallel.decoder_layout.decoder_layout`), which scatters the
+(full-length) decoder input over the TP ranks after the omni model merged the media features into it
+and, under CP, keeps this rank's zig-zag share of every sequence of the embeddings, positions and
+shifted targets; ``per_token_loss`` / ``loss_mask`` / ``logits`` are then this rank's tokens only, and
+``loss`` is the mean over the whole sequence (its gradient is this rank's share). The output layer
+gathers a sequence-parallel sequence back before the loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import tensor_parallel
@@ -35,13 +35,12 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_omni.config.model import TextDecoderConfig
-from mm_omni.models.common.attention import packed_params
 from mm_omni.models.common.layer_spec import transformer_block_spec
 from mm_omni.models.common.rotary import mrope_freqs
 from mm_omni.models.common.transformer_config import megatron_transformer_config
 from mm_omni.models.text.fused_loss import output_layer_lm_loss
-from mm_omni.models.text.loss import IGNORE_INDEX, mean_loss, shift_labels, vocab_parallel_lm_loss
-from mm_omni.parallel.context_parallel import mean_loss_over_group, split_for_context_parallel
+from mm_omni.models.text.layout import TokenLayout
+from mm_omni.models.text.loss import IGNORE_INDEX, vocab_parallel_lm_loss
 from mm_omni.platform import get_platform
 
 
@@ -68,41 +67,6 @@ class DecoderOutput:
     loss_mask: Optional[torch.Tensor] = None  # [b, s], 1 where there is a target
     logits: Optional[torch.Tensor] = None  # [b, s, vocab] (gathered over TP), when asked for
     hidden_states: Optional[torch.Tensor] = None  # [s, b, h] output of a non-last pipeline stage
-
-
-def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """HF-style ``[b, s]`` keep-mask (1 = token) -> megatron's causal mask ``[b, 1, s, s]`` (True = masked).
-
-    Padding *queries* keep their own diagonal so no row is fully masked (a fully masked row is NaN
-    in some SDPA kernels, and a NaN there would leak into gradients through 0 * NaN); real tokens
-    never see padding keys, so their outputs are exact for left and right padding alike.
-    """
-    b, s = attention_mask.shape
-    keep = attention_mask.bool()
-    causal = torch.ones(s, s, dtype=torch.bool, device=keep.device).tril()
-    allowed = (causal & keep[:, None, :]) | torch.eye(s, dtype=torch.bool, device=keep.device)
-    return ~allowed[:, None]
-
-
-def is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """Whether every row of the ``[b, s]`` keep-mask is its tokens, then padding (what the collator makes).
-
-    Then causal attention alone keeps every real token off the padding keys (they all come after it),
-    so no ``[b, 1, s, s]`` mask is built and the causal kernels run, which skip the masked half of the
-    score blocks (an explicit mask is read for all of them). Only the padding positions' own outputs
-    change, and they carry no target. A host mask (``omni_task`` keeps it there) costs no device sync.
-    """
-    keep = attention_mask.bool()
-    return not bool((keep[:, 1:] & ~keep[:, :-1]).any())
-
-
-def default_position_ids(b: int, s: int, device, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Text-only positions ``[3, b, s]``: 0.. per row, or per packed sequence when ``cu_seqlens`` is given."""
-    pos = torch.arange(s, device=device)
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device, torch.long)
-        pos = pos - torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=s)
-    return pos.view(1, 1, s).expand(3, b, s)
 
 
 class TextDecoder(LanguageModule):
@@ -179,6 +143,7 @@ class TextDecoder(LanguageModule):
         decoder_input: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
         return_logits: bool = False,
+        layout: Optional[Callable[..., TokenLayout]] = None,
     ) -> DecoderOutput:
         """Run the decoder.
 
@@ -186,7 +151,9 @@ class TextDecoder(LanguageModule):
         ``[3, b, s]`` (a ``[b, s]`` tensor is used on all three axes; ``None`` = text positions).
         ``decoder_input`` ([s, b, h]) replaces the embedding of ``input_ids`` (the omni model's merged
         text + media embeddings). ``cu_seqlens`` marks packed sequences in a ``b = 1`` row; then
-        ``attention_mask`` is ignored.
+        ``attention_mask`` is ignored. ``layout``: ``(s, b, device, cu_seqlens, attention_mask) ->``
+        :class:`TokenLayout` of this forward's tokens (default: all of them on this rank; required
+        under sequence or context parallelism).
         """
         if self.pre_process:
             hidden = decoder_input if decoder_input is not None else self.embed(input_ids)
@@ -199,29 +166,18 @@ class TextDecoder(LanguageModule):
             b, s, device = ref.shape[-2], ref.shape[-1], ref.device
         if cu_seqlens is not None and b != 1:
             raise ValueError(f"packed input (cu_seqlens) needs batch size 1; got b={b}")
-        cp_group = self.cp_group if self.config.context_parallel_size > 1 else None
-        split = split_for_context_parallel(cp_group, s, cu_seqlens, device)
+        if layout is None:
+            if self.config.context_parallel_size > 1 or self.config.sequence_parallel:
+                raise ValueError(
+                    f"context_parallel_size={self.config.context_parallel_size}, sequence_parallel="
+                    f"{self.config.sequence_parallel}: the decoder's tokens are spread over ranks; pass "
+                    "layout=mm_omni.parallel.decoder_layout.decoder_layout(decoder) (the omni task does)")
+            layout = TokenLayout
+        tokens = layout(s, b, device, cu_seqlens, attention_mask)
         if hidden is not None:
-            if split is not None:  # after the media scatter (omni model), before the sequence-parallel scatter
-                hidden = split.take(hidden, 0)
-            if self.config.sequence_parallel:
-                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
-
-        packed_seq_params, mask = None, None
-        if cu_seqlens is not None:
-            # a packed row has no padding: cu_seqlens alone say what attends to what (any mask is ignored)
-            packed_seq_params = split.packed_params() if split is not None else packed_params(cu_seqlens.to(device))
-        elif split is not None:
-            mask = split.attention_mask(None if attention_mask is None else attention_mask.to(device))
-        elif attention_mask is not None and not is_right_padded(attention_mask):
-            mask = padding_attention_mask(attention_mask.to(device))
-
-        if position_ids is None:
-            position_ids = default_position_ids(b, s, device, cu_seqlens)
-        elif position_ids.dim() == 2:
-            position_ids = position_ids[None].expand(3, -1, -1)
-        if split is not None:
-            position_ids = split.take(position_ids.to(device), 2)
+            hidden = tokens.input(hidden)  # after the media scatter (omni model)
+        mask, packed_seq_params = tokens.attention()
+        position_ids = tokens.positions(position_ids)
         freqs = mrope_freqs(position_ids.to(device), self.cfg.head_dim, self.cfg.mrope_section, self.cfg.rope_theta)
 
         hidden = self.decoder(hidden, attention_mask=mask, rotary_pos_emb=freqs, packed_seq_params=packed_seq_params)
@@ -239,16 +195,11 @@ class TextDecoder(LanguageModule):
             out.logits = full.transpose(0, 1)
             logits = logits.clone()  # the loss kernel below overwrites fp32 logits in place
         if labels is not None:
-            targets = shift_labels(labels.to(device), cu_seqlens)  # on the full sequence, then split
-            if split is not None:
-                targets = split.take(targets, 1)
+            targets = tokens.targets(labels)  # shifted on the full sequence, then this rank's share
             if fused:
                 out.per_token_loss, out.loss_mask = output_layer_lm_loss(
                     self.output_layer, hidden, weight, targets, IGNORE_INDEX)
             else:
                 out.per_token_loss, out.loss_mask = vocab_parallel_lm_loss(logits, targets)
-            if split is not None:
-                out.loss = mean_loss_over_group(out.per_token_loss, out.loss_mask, split.group)
-            else:
-                out.loss = mean_loss(out.per_token_loss, out.loss_mask)
+            out.loss = tokens.loss(out.per_token_loss, out.loss_mask)
         return out

@@ -9,9 +9,15 @@ One forward handles any mix of images and videos (``grid_thw`` rows of any size)
 the whole batch are reordered into window order once, every layer runs ONE attention call over all
 windows (or, in the ``fullatt_block_indexes`` layers, over all frames) through ``cu_seqlens``, and
 the merged tokens are put back in the input order after the projector.
+
+Its items (:class:`mm_omni.models.common.encoder_api.ItemEncoder`) are the images and videos of a
+batch: an item's patches are its ``t * h * w`` rows of ``pixel_values`` and it yields one token per
+merge block.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
@@ -19,6 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from mm_omni.config.model import VisionEncoderConfig, VisionProjectorConfig
+from mm_omni.models.common.encoder_api import item_starts
 from mm_omni.models.common.layer_spec import transformer_layer_spec
 from mm_omni.models.common.rotary import vision_rotary_freqs
 from mm_omni.models.vision.config import vision_transformer_config
@@ -105,3 +112,29 @@ class VisionEncoder(MegatronModule):
         hidden, layout = self.encoder(pixel_values, grid_thw)
         merged = self.projector(hidden)
         return merged.index_select(0, layout.reverse_index)
+
+    # -- items (mm_omni.models.common.encoder_api.ItemEncoder): an image or a video, its grid_thw row ---------
+    def item_costs(self, grid_thw: torch.Tensor) -> list[int]:
+        """Patches per image / video (``t * h * w``)."""
+        return grid_thw.prod(-1).tolist()
+
+    def item_tokens(self, grid_thw: torch.Tensor) -> list[int]:
+        """One token per merge block of ``spatial_merge_size ** 2`` patches."""
+        return [p // self.encoder.cfg.spatial_merge_size**2 for p in self.item_costs(grid_thw)]
+
+    def take_items(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                   items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = item_starts(self.item_costs(grid_thw))
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in items]).to(pixel_values.device)
+        return pixel_values.index_select(0, rows), grid_thw[torch.tensor(items)]
+
+    def join_items(self, parts) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([px for px, _ in parts]), torch.cat([grid for _, grid in parts])
+
+    def dummy_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image of a single merge block (``spatial_merge_size ** 2`` patches) of zeros."""
+        vc = self.encoder.cfg
+        m = vc.spatial_merge_size
+        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        weight = self.encoder.patch_embed.proj.weight
+        return torch.zeros(m * m, width, dtype=weight.dtype, device=weight.device), torch.tensor([[1, m, m]])

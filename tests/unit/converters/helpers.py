@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from converters.config import HfToMmConfig, MmToHfConfig, ResplitConfig
-from converters.qwen2_5_omni.converter import Qwen2_5_OmniConverter
+from mm_omni.models.qwen2_5_omni.converter import Qwen2_5_OmniConverter
 
 
 def layout(llm, vit, audio, tp=1, vit_tp=0, audio_tp=0) -> dict:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converters.common import tp as tp_ops
-from converters.qwen2_5_omni import spec
+from converters.common.plan import Plan
+from mm_omni.checkpoint import tp as tp_ops
+from mm_omni.models.qwen2_5_omni.convert import SPEC
 from tests.unit.converters.helpers import hf_to_mm, layout, load_hf, mm_to_hf, resplit
 
 ALPHA, R = 8.0, 4
@@ -37,16 +38,17 @@ def _save(root, ranks: list[dict], args: dict | None, **extra) -> None:
     (root / "latest_checkpointed_iteration.txt").write_text("release")
 
 
-def _split_tp2(sd: dict) -> list[dict]:
+def _split_tp2(sd: dict, thinker) -> list[dict]:
+    split_kind = Plan(SPEC, thinker).split_kind
     out = [{}, {}]
     for name, t in sd.items():
         if ".lora_" in name:
             base = name.split(".lora_")[0] + ".weight"
             # column-parallel: A replicated, B split like W; row-parallel ("col"): A split like W, B replicated
-            a_kind, b_kind = ("col", "rep") if spec.split_kind(base) == "col" else ("rep", spec.split_kind(base))
+            a_kind, b_kind = ("col", "rep") if split_kind(base) == "col" else ("rep", split_kind(base))
             kind = a_kind if ".lora_A." in name else b_kind
         else:
-            kind = spec.split_kind(name)
+            kind = split_kind(name)
         for r in range(2):
             out[r][name] = tp_ops.shard(t, kind, 2, r).clone()
     return out
@@ -71,7 +73,7 @@ def _thinker_checkpoint(path):
 def lora_setup(tmp_path_factory):
     from transformers import AutoConfig
 
-    from converters.qwen2_5_omni.converter import open_mm
+    from converters.common.converter import open_mm
     from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
     from mm_omni.lora.inject import apply_lora, parse_targets
     from mm_omni.models.omni import OmniModel
@@ -84,7 +86,7 @@ def lora_setup(tmp_path_factory):
     base_mm = hf_to_mm(hf_dir, d / "base_mm", layout([[3]], [[4]], [[3]]), dtype="fp32")
     init_megatron()
     model = OmniModel(from_hf_thinker_config(thinker)).float().eval()
-    reader = open_mm(base_mm, thinker)
+    reader = open_mm(Plan(SPEC, thinker), base_mm)
     model.load_state_dict({n: reader.get(n).float() for n in reader.names()}, strict=False)
     found = apply_lora(model, parse_targets(["all-linear", "output_layer"]), R, ALPHA, 0.0, seed=7)
     assert any(n.startswith("image_encoder.projector") for n in found["adapted"])
@@ -97,9 +99,9 @@ def lora_setup(tmp_path_factory):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     args = {"lora_alpha": ALPHA, "lora_r": R, "lora_target_modules": ["all-linear"]}
     _save(d / "lora_tp1", [sd], args)
-    _save(d / "lora_tp2", _split_tp2(sd), args)
+    _save(d / "lora_tp2", _split_tp2(sd, thinker), args)
     # a LoRA run's own save: the adapters only (here at TP=2, over the TP=1 base it loaded)
-    _save(d / "adapters_tp2", [{k: v for k, v in r.items() if ".lora_" in k} for r in _split_tp2(sd)], args,
+    _save(d / "adapters_tp2", [{k: v for k, v in r.items() if ".lora_" in k} for r in _split_tp2(sd, thinker)], args,
           lora_only=True)
     # merged by hand, in fp64, then a plain (LoRA-free) checkpoint
     by_hand = {k: v for k, v in sd.items() if ".lora_" not in k}

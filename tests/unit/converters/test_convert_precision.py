@@ -17,7 +17,7 @@ CORRUPT = {
 
 
 def test_precision_check_passes_on_every_modality(sane_hf_dir, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="converters.qwen2_5_omni.precision"):
+    with caplog.at_level(logging.INFO, logger="converters.common.precision"):
         mm = hf_to_mm(sane_hf_dir, tmp_path / "mm", layout([[1, 2]], [[4, 0]], [[3, 0]], tp=2),
                       test_convert_precision=True)
     assert mm.is_dir()
@@ -29,7 +29,9 @@ def test_precision_check_passes_on_every_modality(sane_hf_dir, tmp_path, caplog)
 def test_precision_check_names_the_module_of_a_bad_tensor(sane_hf_dir, tmp_path, module):
     from transformers import AutoConfig
 
-    from converters.qwen2_5_omni.precision import check_precision
+    from converters.common.plan import Plan
+    from converters.common.precision import check_precision
+    from mm_omni.models.qwen2_5_omni.convert import SPEC
 
     mm = hf_to_mm(sane_hf_dir, tmp_path / "mm", layout([[3]], [[4]], [[3]]))
     key, reported = CORRUPT[module]
@@ -39,12 +41,12 @@ def test_precision_check_names_the_module_of_a_bad_tensor(sane_hf_dir, tmp_path,
     payload["model"][key].mul_(1.5)
     torch.save(payload, path)
     with pytest.raises(AssertionError, match=rf"differ from transformers': .*{reported}"):
-        check_precision(sane_hf_dir, mm, AutoConfig.from_pretrained(sane_hf_dir).thinker_config)
+        check_precision(Plan(SPEC, AutoConfig.from_pretrained(sane_hf_dir).thinker_config), sane_hf_dir, mm)
 
 
 def test_probe_row_keeps_special_ids_out_of_the_text():
     """With special ids inside the range text ids are drawn from, only the media spans hold them."""
-    from converters.qwen2_5_omni.precision import probe_row
+    from mm_omni.models.qwen2_5_omni.precision import probe_row
     from mm_omni.models.rope_index import audio_token_count
     from tests.conftest import tiny_thinker_config
 

@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from converters.common import tp as tp_ops
-from converters.qwen2_5_omni import keymap, spec
+from converters.common.convert import hf_state_to_mm
+from converters.common.plan import Plan
+from mm_omni.checkpoint import tp as tp_ops
+from mm_omni.models.qwen2_5_omni.convert import SPEC
 from tests.unit.converters.helpers import (assert_same_hf_dirs, assert_same_tensors, hf_to_mm, layout, load_hf,
                                            load_mm, mm_to_hf, resplit)
 
@@ -32,7 +34,8 @@ def test_tp2_pp2_files_hold_megatron_shards(hf_dir, tmp_path):
     from transformers import AutoConfig
 
     thinker = AutoConfig.from_pretrained(hf_dir).thinker_config
-    full = keymap.hf_to_mm(load_hf(hf_dir), thinker)
+    full = hf_state_to_mm(SPEC, thinker, load_hf(hf_dir))
+    split_kind = Plan(SPEC, thinker).split_kind
     files = load_mm(hf_to_mm(hf_dir, tmp_path / "mm", LAYOUTS["tp2_pp2"]))
     assert sorted(files) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     assert all(f["checkpoint_version"] == 3.0 for f in files.values())
@@ -49,7 +52,7 @@ def test_tp2_pp2_files_hold_megatron_shards(hf_dir, tmp_path):
         for leaf in ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight",
                      "mlp.linear_fc2.weight", "input_layernorm.weight"):
             name = glob + leaf
-            assert torch.equal(stage[loc + leaf], tp_ops.shard(full[name], spec.split_kind(name), 2, 1)), name
+            assert torch.equal(stage[loc + leaf], tp_ops.shard(full[name], split_kind(name), 2, 1)), name
     gate, up = full["text_decoder.decoder.layers.0.mlp.linear_fc1.weight"].chunk(2)
     fc1_r1 = files["mp_rank_01_000"]["model"]["text_decoder.decoder.layers.0.mlp.linear_fc1.weight"]
     assert torch.equal(fc1_r1, torch.cat([gate.chunk(2)[1], up.chunk(2)[1]]))  # GLU split: [gate_r; up_r]

@@ -1,4 +1,4 @@
-"""The keymap: HF <-> MindSpeed-MM names on a tiny random thinker (both HF spellings)."""
+"""Qwen2.5-Omni's table: HF <-> MindSpeed-MM names on a tiny random thinker (both HF spellings)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
-from converters.qwen2_5_omni import keymap
+from converters.common.convert import expected_mm_keys, hf_state_to_mm, mm_state_to_hf
+from mm_omni.models.qwen2_5_omni.convert import SPEC
 from tests.conftest import tiny_thinker_config
 
 
@@ -36,22 +37,23 @@ def _same(a: dict, b: dict):
 def test_module_spelling_round_trip(thinker):
     cfg, model = thinker
     hf = model.state_dict()
-    mm = keymap.hf_to_mm(hf, cfg)
-    assert sorted(mm) == sorted(keymap.expected_mm_keys(cfg))
-    _same(keymap.mm_to_hf(mm, cfg), hf)
-    _same(keymap.hf_to_mm(keymap.mm_to_hf(mm, cfg), cfg), mm)
+    mm = hf_state_to_mm(SPEC, cfg, hf)
+    assert sorted(mm) == sorted(expected_mm_keys(SPEC, cfg))
+    _same(mm_state_to_hf(SPEC, cfg, mm), hf)
+    _same(hf_state_to_mm(SPEC, cfg, mm_state_to_hf(SPEC, cfg, mm)), mm)
     fresh = Qwen2_5OmniThinkerForConditionalGeneration(cfg)
-    fresh.load_state_dict(keymap.mm_to_hf(mm, cfg), strict=True)
+    fresh.load_state_dict(mm_state_to_hf(SPEC, cfg, mm), strict=True)
 
 
 def test_hub_spelling_with_thinker_prefix(thinker):
     cfg, model = thinker
-    hub = {keymap.from_canonical(keymap.to_canonical(k), "hub", "thinker."): v for k, v in model.state_dict().items()}
+    names = SPEC.names
+    hub = {names.from_canonical(names.to_canonical(k), "hub", "thinker."): v for k, v in model.state_dict().items()}
     assert "thinker.model.layers.0.self_attn.q_proj.weight" in hub and "thinker.visual.merger.ln_q.weight" in hub
     hub["talker.model.norm.weight"] = torch.ones(3)  # not the thinker's: ignored
-    mm = keymap.hf_to_mm(hub, cfg)
-    assert keymap.detect_style(hub) == ("thinker.", "hub")
-    back = keymap.mm_to_hf(mm, cfg, style="hub", prefix="thinker.")
+    mm = hf_state_to_mm(SPEC, cfg, hub)
+    assert SPEC.names.detect_style(hub) == ("thinker.", "hub")
+    back = mm_state_to_hf(SPEC, cfg, mm, style="hub", prefix="thinker.")
     hub.pop("talker.model.norm.weight")
     _same(back, hub)
 
@@ -59,7 +61,7 @@ def test_hub_spelling_with_thinker_prefix(thinker):
 def test_names_and_interleaving(thinker):
     cfg, model = thinker
     hf = model.state_dict()
-    mm = keymap.hf_to_mm(hf, cfg)
+    mm = hf_state_to_mm(SPEC, cfg, hf)
     text = cfg.text_config
     groups, hd = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
     per_q = text.num_attention_heads // groups * hd
@@ -86,7 +88,7 @@ def test_names_and_interleaving(thinker):
 def test_partial_state_dicts_convert(thinker):
     cfg, model = thinker
     vis = {k: v for k, v in model.state_dict().items() if k.startswith("model.visual.")}
-    mm = keymap.hf_to_mm(vis, cfg)
+    mm = hf_state_to_mm(SPEC, cfg, vis)
     assert mm and all(k.startswith("image_encoder.") for k in mm)
 
 
@@ -94,23 +96,23 @@ def test_errors(thinker):
     cfg, model = thinker
     hf = dict(model.state_dict())
     with pytest.raises(KeyError, match="no MindSpeed-MM name"):
-        keymap.hf_to_mm({**hf, "model.visual.blocks.9.norm1.weight": torch.ones(2)}, cfg)
+        hf_state_to_mm(SPEC, cfg, {**hf, "model.visual.blocks.9.norm1.weight": torch.ones(2)})
     partial = dict(hf)
     partial.pop("model.language_model.layers.0.self_attn.k_proj.weight")
     with pytest.raises(KeyError, match="k_proj.weight"):
-        keymap.hf_to_mm(partial, cfg)
+        hf_state_to_mm(SPEC, cfg, partial)
     with pytest.raises(KeyError, match="no HF name"):
-        keymap.mm_to_hf({"text_decoder.decoder.layers.99.input_layernorm.weight": torch.ones(2)}, cfg)
+        mm_state_to_hf(SPEC, cfg, {"text_decoder.decoder.layers.99.input_layernorm.weight": torch.ones(2)})
 
 
 def test_derived_buffers_and_extra_state_are_accounted(thinker):
     cfg, model = thinker
     hf = {**model.state_dict(), "model.audio_tower.positional_embedding.positional_embedding": torch.zeros(4, 2),
           "model.visual.rotary_pos_emb.inv_freq": torch.zeros(2)}
-    mm = keymap.hf_to_mm(hf, cfg)
+    mm = hf_state_to_mm(SPEC, cfg, hf)
     assert not any("positional_embedding" in k or "inv_freq" in k for k in mm)
-    back = keymap.mm_to_hf({**mm, "text_decoder.decoder.layers.0.self_attention.core_attention._extra_state": None},
-                           cfg)
+    extra = "text_decoder.decoder.layers.0.self_attention.core_attention._extra_state"
+    back = mm_state_to_hf(SPEC, cfg, {**mm, extra: None})
     assert len(back) == len(model.state_dict())
 
 
@@ -119,20 +121,20 @@ def test_tied_embeddings():
     model = _random_thinker(cfg)
     hf = model.state_dict()
     assert "lm_head.weight" in hf  # state_dict() lists the tied alias
-    mm = keymap.hf_to_mm(hf, cfg)
+    mm = hf_state_to_mm(SPEC, cfg, hf)
     assert "text_decoder.output_layer.weight" not in mm
     mm["text_decoder.output_layer.weight"] = mm["text_decoder.embedding.word_embeddings.weight"]  # PP>1 tie copy
-    back = keymap.mm_to_hf(mm, cfg)
+    back = mm_state_to_hf(SPEC, cfg, mm)
     assert "lm_head.weight" not in back  # save_pretrained drops the alias too
     Qwen2_5OmniThinkerForConditionalGeneration(cfg).load_state_dict(back, strict=False)
 
 
 def test_nonzero_audio_key_bias_is_dropped(thinker, caplog):
     cfg, model = thinker
-    mm = keymap.hf_to_mm(model.state_dict(), cfg)
+    mm = hf_state_to_mm(SPEC, cfg, model.state_dict())
     name = "audio_encoder.encoder.blocks.layers.0.self_attention.linear_qkv.bias"
     mm[name] = mm[name] + 1.0
     with caplog.at_level(logging.INFO):
-        back = keymap.mm_to_hf(mm, cfg)
-    assert "nonzero audio key bias" in caplog.text
+        back = mm_state_to_hf(SPEC, cfg, mm)
+    assert "nonzero key bias" in caplog.text
     assert "model.audio_tower.layers.0.self_attn.k_proj.bias" not in back

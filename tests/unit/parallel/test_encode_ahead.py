@@ -60,7 +60,7 @@ def test_encode_ahead_matches_direct_encoding(model):
 
     batches = _batches(torch.Generator().manual_seed(1))
     hidden = model.cfg.text_decoder.hidden_size
-    ahead = EncodeAhead(EncoderDataParallel(dist.group.WORLD, hidden, 4), {"vision", "audio"}, merge=4)
+    ahead = EncodeAhead(EncoderDataParallel(dist.group.WORLD, hidden), ("image_encoder", "audio_encoder"))
     weights = torch.Generator().manual_seed(2)
 
     def loss_of(features):  # a fixed random linear function of every feature row
@@ -75,7 +75,7 @@ def test_encode_ahead_matches_direct_encoding(model):
             if direct is None:
                 continue
             inputs, features = direct
-            got.append(ahead.encode(kind, *inputs))
+            got.append(ahead.encode({"vision": "image_encoder", "audio": "audio_encoder"}[kind], *inputs))
             want.append(features)
             torch.testing.assert_close(got[-1], features, rtol=1e-6, atol=1e-6)
     assert len(got) == 4  # 2 micro-batches with vision, 2 with audio
@@ -101,13 +101,13 @@ def test_a_step_without_audio_still_gives_every_audio_parameter_a_gradient(model
     from mm_omni.parallel.encoder_split import EncoderDataParallel
 
     batches = [b for b in _batches(torch.Generator().manual_seed(1)) if "input_features" not in b]
-    ahead = EncodeAhead(EncoderDataParallel(dist.group.WORLD, model.cfg.text_decoder.hidden_size, 4),
-                        {"vision", "audio"}, merge=4)
+    ahead = EncodeAhead(EncoderDataParallel(dist.group.WORLD, model.cfg.text_decoder.hidden_size),
+                        ("image_encoder", "audio_encoder"))
     model.zero_grad(set_to_none=True)
     ahead.run(model, batches, torch.device("cpu"), training=True)
     ahead.backward()
     audio = {n: p for n, p in model.audio_encoder.named_parameters() if p.requires_grad}
     bad = {n: None if p.grad is None else float(p.grad.abs().max()) for n, p in audio.items() if p.grad is None or p.grad.any()}
     assert not bad, bad  # every audio parameter: a gradient, zero
-    with pytest.raises(RuntimeError, match="no audio features encoded ahead"):
-        ahead.encode("audio", torch.zeros(1, 128, 4), torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="no audio_encoder features encoded ahead"):
+        ahead.encode("audio_encoder", torch.zeros(1, 128, 4), torch.tensor([4]))

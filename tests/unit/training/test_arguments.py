@@ -10,7 +10,7 @@ from mm_omni.cli import main as cli_main
 from mm_omni.config.arguments import ArgumentsError, log_accepted_flags, parse_args, validate_args
 from mm_omni.train import prepare_args
 
-# Every flag of MindSpeed-MM's examples/qwen2.5omni/finetune_qwen2_5_omni_7b.sh (reference §3), as written.
+# Every flag of MindSpeed-MM's examples/qwen2.5omni/finetune_qwen2_5_omni_7b.sh, as MindSpeed-MM writes them.
 MINDSPEED_MM_7B = """
 --use-mcore-models --tensor-model-parallel-size 1 --pipeline-model-parallel-size 2 --micro-batch-size 1
 --global-batch-size 192 --context-parallel-size 1 --tokenizer-type NullTokenizer --vocab-size 152064
@@ -41,7 +41,7 @@ def test_mindspeed_mm_launcher_flags_parse_and_validate(caplog):
         assert sum(flag + " accepted" in m for m in caplog.messages) == 1, flag
 
 
-def test_brief_flags_parse():
+def test_mindspeed_mm_flags_parse():
     args = parse_args(BASE + [
         "--num-layers-per-virtual-pipeline-stage", "1", "--sequence-parallel", "--min-lr", "1e-6",
         "--lr-warmup-iters", "2", "--fp16", "--finetune", "--tensorboard-dir", "tb", "--recompute-granularity",

@@ -123,7 +123,7 @@ def test_half_precision_trains_close_to_fp32(precision):
 
 @pytest.mark.parametrize("name", ["model_optim_rng.pt", "distrib_optim.pt"])
 def test_truncated_checkpoint_file_is_named_with_the_remedy(tmp_path, name):
-    from mm_omni.checkpoint_file import RESUME_REMEDY, DamagedCheckpointError
+    from mm_omni.checkpoint.files import RESUME_REMEDY, DamagedCheckpointError
 
     flags = ["--use-distributed-optimizer"]
     train(flags + ["--train-iters", "2", "--save", str(tmp_path)])

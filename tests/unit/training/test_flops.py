@@ -12,7 +12,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm_omni.training.flops import audio_flops, omni_batch_flops, peak_tflops, row_lengths, text_flops, vision_flops
+from mm_omni.models.audio.flops import audio_flops
+from mm_omni.models.omni_flops import omni_batch_flops
+from mm_omni.models.text.flops import row_lengths, text_flops
+from mm_omni.models.vision.flops import vision_flops
+from mm_omni.training.flops import peak_tflops
 from tests.conftest import tiny_thinker_config
 from tests.helpers import init_megatron
 

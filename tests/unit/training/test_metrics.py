@@ -1,4 +1,4 @@
-"""The iteration line is Megatron's, character for character (DESIGN.md §7)."""
+"""The iteration line is Megatron's, character for character (the format docs/design.md quotes)."""
 
 from mm_omni.training.metrics import iteration_line, summary_line
 
