@@ -1,0 +1,306 @@
+"""Training speed on a mixed dataset of the kind users bring: ``mm_omni.train`` with the launcher's defaults vs
+transformers' thinker in a plain training loop, on the same rows in the same order (GPU machine).
+
+The dataset is generated (seeded): image sides 224-1008 px at a random aspect, audio clips of 2-30 s, answers of
+300-6,000 characters; by default 1/3 of the rows image + audio, 1/3 image, 1/6 audio, 1/6 text only (``--mix``).
+The model is Qwen2.5-Omni at 7B widths (``--depth reduced``: text 4 / vision 8 / audio 8 layers; ``full``: the
+7B's 28 / 32 / 32), random weights, bf16; the tokenizer is the tiny local one (nothing is downloaded).
+
+* ours: ``torchrun -m mm_omni.train`` with the flags of examples/qwen2.5omni/finetune_qwen2_5_omni_7b.sh (one
+  GPU: TP1 PP1, no --load), ``--global-batch-size`` rows per optimizer step, micro-batch 1 (the launcher's) and
+  the ``--ours-mbs`` sizes above 1 with the micro-batch's rows packed into one sequence (dataloader_param.packing);
+* transformers: ``Qwen2_5OmniThinkerForConditionalGeneration`` (SDPA, bf16 weights, fused AdamW), the same rows
+  in the same order, read by the same data loader (same workers), padded into micro-batches of ``--hf-mbs`` rows
+  (each size measured; the best is the baseline), gradient accumulation to the same rows per optimizer step;
+* the data loader alone (the rows per second the workers can hand out: a floor under both runs).
+
+Both run the same number of optimizer steps; the first ``--warmup`` steps are not timed. Prints tokens/s (real
+tokens, padding not counted), MFU (model FLOPs of mm_omni.training.flops over the GPU's bf16 peak), peak GiB and
+the ratio.
+
+    python bench/train_real.py [--rows 48] [--steps 6] [--global-batch-size 8] [--hf-mbs 1,2,4] [--depth reduced]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import omni_step  # noqa: E402  (bench/omni_step.py: the 7B-width thinker config)
+
+TINY_IDS = dict(image_token_index=1000, video_token_index=1001, audio_token_index=1002,
+                vision_start_token_id=1003, vision_end_token_id=1004, audio_start_token_id=1005,
+                audio_end_token_id=1006)
+KINDS = ("image+audio", "image", "audio", "text")
+QUESTIONS = {"image+audio": "<image><audio>Describe the image and what is said.", "image": "<image>What is in this image?",
+             "audio": "<audio>What does the speaker say?", "text": "Tell me a long story about a cat and a fox."}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="/tmp/mm_omni_train_real")
+    p.add_argument("--rows", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix", default="2,2,1,1", help="weights of image+audio, image, audio, text-only rows")
+    p.add_argument("--depth", choices=("reduced", "full"), default="reduced")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps of each run")
+    p.add_argument("--warmup", type=int, default=1, help="first steps not timed")
+    p.add_argument("--global-batch-size", type=int, default=8, help="rows per optimizer step (both runs)")
+    p.add_argument("--hf-mbs", default="1,2,4", help="transformers micro-batch sizes to measure")
+    p.add_argument("--ours-mbs", default="1,4", help="our micro-batch sizes to measure (1: the launcher's; above 1 the "
+                                                     "rows of a micro-batch are packed into one sequence)")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loader workers of both runs (the launcher's 2)")
+    p.add_argument("--seq-length", type=int, default=8192)
+    p.add_argument("--image-max-pixels", type=int, default=1008 * 1008)
+    p.add_argument("--only", choices=("both", "ours", "hf"), default="both")
+    p.add_argument("--extra", default="", help="extra flags for mm_omni.train (e.g. '--encoder-cuda-graphs')")
+    return p.parse_args()
+
+
+# ------------------------------------------------------------------------------------------------
+# data and model
+# ------------------------------------------------------------------------------------------------
+def write_inputs(args) -> tuple[Path, Path, object]:
+    """data.json, model.json and the transformers thinker config of the run."""
+    from mm_omni.models.qwen2_5_omni.hf_config import from_hf_thinker_config
+    from tests.fixtures.media import write_dataset, write_image, write_wav
+    from tests.fixtures.qwen2_5_omni import build_tiny_processor, tiny_data_config
+    from tests.fixtures.tokenizer import CORPUS
+
+    out = Path(args.out)
+    media = out / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    weights = [float(w) for w in args.mix.split(",")]
+    kinds = [KINDS[i] for i in range(4) for _ in range(round(args.rows * weights[i] / sum(weights)))]
+    kinds = (kinds + ["text"] * args.rows)[: args.rows]
+    rng.shuffle(kinds)
+    text = CORPUS * (6000 // len(CORPUS) + 2)
+    rows = []
+    for i, kind in enumerate(kinds):
+        row = {"messages": [{"role": "user", "content": QUESTIONS[kind]},
+                            {"role": "assistant", "content": ""}]}
+        if "image" in kind:
+            side, aspect = rng.randint(224, 1008), rng.uniform(0.5, 2.0)
+            w, h = side, min(1008, max(224, int(side * aspect)))
+            row["images"] = [write_image(media / f"img{i}.png", w, h, seed=i).name]
+        if "audio" in kind:
+            row["audios"] = [write_wav(media / f"aud{i}.wav", seconds=rng.uniform(2.0, 30.0),
+                                       freq=200.0 + 10 * i).name]
+        start, n = rng.randrange(len(CORPUS)), rng.randint(300, 6000)
+        row["messages"][1]["content"] = text[start:start + n]
+        rows.append(row)
+    build_tiny_processor(out / "processor", image_max_pixels=args.image_max_pixels)
+    data = tiny_data_config(out / "processor", media, write_dataset(out / "rows.json", rows),
+                            dataloader={"shuffle": False})
+    data["dataset_param"]["preprocess_parameters"].update(image_max_pixels=args.image_max_pixels,
+                                                          image_min_pixels=28 * 28)
+    (out / "data.json").write_text(json.dumps(data, indent=1))
+    data["dataloader_param"]["packing"] = True
+    (out / "data_packed.json").write_text(json.dumps(data, indent=1))
+    omni_step.IDS.update(TINY_IDS)
+    if args.depth == "full":
+        omni_step.TEXT.update(layers=28)
+        omni_step.VISION.update(layers=32)
+        omni_step.AUDIO.update(layers=32)
+    cfg = omni_step.thinker_config()
+    if args.depth == "full":
+        cfg.vision_config.fullatt_block_indexes = [7, 15, 23, 31]
+    model = from_hf_thinker_config(cfg)
+    for module in (model.text_decoder, model.image_encoder.vision_encoder, model.image_encoder.vision_projector,
+                   model.audio_encoder.audio_encoder):
+        module.bf16 = True
+    (out / "model.json").write_text(model.model_dump_json(indent=1))
+    print(f"[data] {args.rows} rows: " + ", ".join(f"{k} {kinds.count(k)}" for k in KINDS))
+    return out / "data.json", out / "model.json", cfg
+
+
+def load_dataset(data_json: Path, seq_length: int):
+    """The dataset both runs read (scanned once here: row lengths for the summary)."""
+    from mm_omni.config.data import load_data_config
+    from mm_omni.data import OmniSFTDataset
+
+    return OmniSFTDataset(load_data_config(data_json), seq_length)
+
+
+# ------------------------------------------------------------------------------------------------
+# ours: mm_omni.train
+# ------------------------------------------------------------------------------------------------
+def run_ours(args, data_json: Path, model_json: Path, mbs: int) -> dict:
+    gbs = args.global_batch_size
+    if mbs > 1:
+        data_json = data_json.with_name("data_packed.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "mm_omni.train",
+           "--mm-model", str(model_json), "--mm-data", str(data_json),
+           # the flags of examples/qwen2.5omni/finetune_qwen2_5_omni_7b.sh on one GPU (TP1 PP1, no --load)
+           "--use-mcore-models", "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+           "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs), "--context-parallel-size", "1",
+           "--tokenizer-type", "NullTokenizer", "--vocab-size", "152064", "--seq-length", str(args.seq_length),
+           "--make-vocab-size-divisible-by", "1", "--normalization", "RMSNorm", "--use-fused-rmsnorm", "--swiglu",
+           "--use-fused-swiglu", "--no-masked-softmax-fusion", "--lr", "1.0e-5", "--lr-decay-style", "cosine",
+           "--weight-decay", "0", "--train-iters", str(args.steps), "--lr-warmup-fraction", "0.1",
+           "--clip-grad", "0.0", "--adam-beta1", "0.9", "--adam-beta2", "0.999",
+           "--no-gradient-accumulation-fusion", "--seed", "42", "--bf16", "--variable-seq-lengths",
+           "--use-distributed-optimizer", "--num-workers", str(args.num_workers), "--use-flash-attn", "--log-interval", "1",
+           "--log-tps", "--distributed-backend", "nccl", *args.extra.split()]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    log = proc.stdout + proc.stderr
+    (Path(args.out) / f"ours_mbs{mbs}.log").write_text(log)
+    if proc.returncode:
+        raise SystemExit(f"mm_omni.train failed ({proc.returncode}):\n{log[-6000:]}")
+    steps = [(float(m.group(1)), float(m.group(2)))
+             for m in re.finditer(r"elapsed time per iteration \(ms\): ([0-9.]+).*?tokens per sec per device: "
+                                  r"([0-9.]+)", log)]
+    timed = steps[args.warmup:]
+    seconds = sum(ms for ms, _ in timed) / 1000
+    tokens = sum(ms / 1000 * tps for ms, tps in timed)
+    peak = re.search(r"peak memory per device: ([0-9.]+) GiB", log)
+    loss = re.findall(r"lm loss: ([0-9.E+-]+)", log)
+    return dict(name="mm_omni" + (" packed" if mbs > 1 else ""), mbs=mbs, seconds=seconds, tokens=tokens, peak=float(peak.group(1)) if peak else None,
+                first_loss=float(loss[0]) if loss else None, step_ms=[ms for ms, _ in steps])
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers: the thinker in a plain loop
+# ------------------------------------------------------------------------------------------------
+HF_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "input_features",
+           "feature_attention_mask")
+
+
+def loader(args, dataset, mbs: int):
+    """The rows in dataset order, ``mbs`` per batch, encoded by ``--num-workers`` workers (as in ours)."""
+    from mm_omni.data import build_dataloader
+
+    return build_dataloader(dataset.cfg, micro_batch_size=mbs, seq_length=args.seq_length,
+                            num_workers=args.num_workers, dataset=dataset)
+
+
+def run_loader(args, dataset) -> dict:
+    """The data pipeline alone: how fast the workers hand out the rows both runs consume."""
+    n, tokens = args.steps * args.global_batch_size, 0
+    start = None
+    for i, batch in enumerate(_repeat(loader(args, dataset, 1), n)):
+        if i == args.warmup * args.global_batch_size:
+            start = time.perf_counter()
+        if start is not None:
+            tokens += int(batch["attention_mask"].sum())
+    return dict(name="data loader", mbs=1, seconds=time.perf_counter() - start, tokens=tokens, peak=None,
+                first_loss=None)
+
+
+def _repeat(batches, n: int):
+    """``n`` batches of a loader, starting it over when it runs out."""
+    count = 0
+    while True:
+        for batch in batches:
+            if count == n:
+                return
+            count += 1
+            yield batch
+
+
+def run_hf(args, cfg, dataset, mbs: int) -> dict:
+    import torch
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    with torch.device(dev):
+        model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).to(torch.bfloat16)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+    gbs, seconds, tokens = args.global_batch_size, 0.0, 0
+    torch.cuda.reset_peak_memory_stats()
+    batches = _repeat(loader(args, dataset, mbs), args.steps * gbs // mbs)
+    first_loss = None
+    for step in range(args.steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step_tokens = 0
+        for _ in range(gbs // mbs):
+            batch = next(batches)
+            inputs = {key: batch[key].to(dev, non_blocking=True) for key in HF_KEYS if key in batch}
+            for key in ("pixel_values", "input_features"):
+                if key in inputs:
+                    inputs[key] = inputs[key].to(torch.bfloat16)
+            loss = model(**inputs).loss
+            (loss * (mbs / gbs)).backward()
+            if first_loss is None:
+                first_loss = float(loss.detach())
+            step_tokens += int(batch["attention_mask"].sum())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= args.warmup:
+            seconds += time.perf_counter() - start
+            tokens += step_tokens
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt
+    torch.cuda.empty_cache()
+    return dict(name="transformers", mbs=mbs, seconds=seconds, tokens=tokens, peak=peak, first_loss=first_loss)
+
+
+# ------------------------------------------------------------------------------------------------
+def main() -> None:
+    args = parse()
+    data_json, model_json, cfg = write_inputs(args)
+    dataset = load_dataset(data_json, args.seq_length)
+    lengths = sorted(dataset.lengths())
+    print(f"[data] {len(lengths)} rows kept, tokens per row min {lengths[0]} / median {lengths[len(lengths) // 2]} / "
+          f"max {lengths[-1]}, total {sum(lengths)}")
+    from mm_omni.config.model import load_model_config
+    from mm_omni.data import OmniCollator
+    from mm_omni.models.omni_flops import omni_batch_flops
+    from mm_omni.training.flops import peak_tflops
+    from mm_omni.platform import device_name
+
+    model_cfg = load_model_config(model_json)
+    pad = dataset.encoder.tokens.pad
+    order = [i % len(dataset) for i in range(args.steps * args.global_batch_size)][args.warmup * args.global_batch_size:]
+    row_flops = {i: omni_batch_flops(model_cfg, OmniCollator(pad)([dataset[i]])) for i in set(order)}
+    flops = sum(row_flops[i] for i in order)
+    peak_tf = peak_tflops(device_name())
+    results = [run_loader(args, dataset)]
+    if args.only in ("both", "ours"):
+        for mbs in (int(m) for m in args.ours_mbs.split(",")):
+            results.append(run_ours(args, data_json, model_json, mbs))
+    if args.only in ("both", "hf"):
+        for mbs in (int(m) for m in args.hf_mbs.split(",")):
+            try:
+                results.append(run_hf(args, cfg, dataset, mbs))
+            except RuntimeError as err:  # out of memory at this micro-batch size
+                print(f"[transformers] micro-batch {mbs}: {str(err).splitlines()[0]}")
+    print(f"\n{device_name()}; {args.steps} optimizer steps of {args.global_batch_size} rows, "
+          f"first {args.warmup} not timed; depth {args.depth}")
+    print(f"{'run':14s} {'MBS':>4s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} {'first loss':>10s}")
+    for r in results:
+        tps = r["tokens"] / max(r["seconds"], 1e-9)
+        tf = flops / max(r["seconds"], 1e-9) / 1e12 if r["name"] != "data loader" else 0.0
+        mfu = f"{tf / peak_tf:.1%}" if peak_tf and tf else "n/a"
+        peak = f"{r['peak']:.1f}" if r["peak"] is not None else "n/a"
+        r["tps"] = tps
+        print(f"{r['name']:14s} {r['mbs']:4d} {tps:10.0f} {tf:8.1f} {mfu:>6s} {peak:>9s} {r['first_loss'] or 0:10.5f}")
+    ours = [r for r in results if r["name"].startswith("mm_omni")]
+    hf = [r for r in results if r["name"] == "transformers"]
+    if ours and hf:
+        best = max(hf, key=lambda r: r["tps"])
+        for r in ours:
+            print(f"ratio: {r['name']} (MBS {r['mbs']}) {r['tps']:.0f} tokens/s / transformers (best, MBS "
+                  f"{best['mbs']}) {best['tps']:.0f} = {r['tps'] / best['tps']:.2f}x; step times (ms): "
+                  + ", ".join(f"{ms:.0f}" for ms in r["step_ms"]))
+
+
+if __name__ == "__main__":
+    main()
