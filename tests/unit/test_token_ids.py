@@ -48,7 +48,7 @@ def test_omitted_ids_come_from_the_tokenizer(tmp_path, data_json):
 
 def test_stated_id_that_disagrees_names_both_values(tmp_path, data_json):
     with pytest.raises(ValueError, match=r"model.json audio_token_id=151646 but the tokenizer .* gives 1002 for "
-                                         r"<\|AUDIO\|>"):
+                                         r"the audio placeholder: remove audio_token_id"):
         _start(_model_json(tmp_path, audio_token_id=151646), data_json)
 
 
@@ -58,8 +58,8 @@ def test_stated_ids_that_agree_are_kept(tmp_path, data_json):
 
 
 def test_img_context_marker_must_be_image_or_video(tmp_path, data_json):
-    with pytest.raises(ValueError, match=r"img_context_token_id=151656 is neither the tokenizer's <\|IMAGE\|> id "
-                                         r"1000 nor its <\|VIDEO\|> id 1001"):
+    with pytest.raises(ValueError, match=r"img_context_token_id=151656 is neither the tokenizer's image placeholder id "
+                                         r"1000 nor its video placeholder id 1001"):
         _start(_model_json(tmp_path, img_context_token_id=151656), data_json)
 
 
