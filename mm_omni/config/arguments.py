@@ -143,6 +143,13 @@ def build_parser() -> ArgumentParser:
     add("--peak-tflops", type=float, default=None,
         help="the device's dense bf16/fp16 peak for --log-tps's MFU (default: known NVIDIA GPUs by name)")
     add("--tensorboard-dir", type=str, default=None)
+    flag("--profile", help="profile iterations --profile-step-start..--profile-step-end (end excluded)")
+    flag("--use-pytorch-profiler", help="with --profile: torch's profiler (trace + table in the log), not nsys")
+    add("--profile-step-start", type=int, default=10)
+    add("--profile-step-end", type=int, default=12)
+    add("--profile-ranks", type=int, nargs="+", default=[0])
+    add("--profile-dir", type=str, default=None, help="where --use-pytorch-profiler writes its trace "
+        "(default: --tensorboard-dir, else ./profile)")
     add("--eval-interval", type=int, default=1000)
     add("--eval-iters", type=int, default=100)
     # multimodal inputs
@@ -242,6 +249,9 @@ def validate_args(args: argparse.Namespace, world_size: int, model_cfg=None) -> 
         _fail("--ckpt-format", args.ckpt_format, "only 'torch' (Megatron's mp_rank_XX/model_optim_rng.pt) is supported")
     if args.save_interval is not None and args.save_interval < 1:
         _fail("--save-interval", args.save_interval, "must be >= 1")
+    if args.profile and not 1 <= args.profile_step_start < args.profile_step_end:
+        _fail("--profile-step-start --profile-step-end", f"{args.profile_step_start} {args.profile_step_end}",
+              "need 1 <= start < end (iterations start..end-1 are profiled)")
     if args.recompute_method and not args.recompute_granularity:
         _fail("--recompute-method", args.recompute_method, "also give --recompute-granularity full")
     if args.recompute_granularity == "full" and args.recompute_method and args.recompute_num_layers is None:

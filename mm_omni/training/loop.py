@@ -18,6 +18,7 @@ from mm_omni.training.forward_step import ForwardStep, describe_loss_mode, loss_
 from mm_omni.training.metrics import TensorBoard, iteration_line, resolve_peak_tflops, summary_line
 from mm_omni.training.model_setup import build_model, unwrap
 from mm_omni.training.optimizer import build_optimizer, build_scheduler
+from mm_omni.training.profiling import StepProfiler
 from mm_omni.training.task import TrainTask
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
     peak = resolve_peak_tflops(args) if _is_logging_rank() else None
     start, tokens_at_start, last_log = time.time(), 0, (time.time(), result.iteration, 0, 0.0)
     total_tokens, total_flops = 0, 0.0
+    profiler = StepProfiler(args)
     while result.iteration < args.train_iters:
+        profiler.before_iteration(result.iteration + 1)
         iteration_start = time.time()
         for chunk in chunks:
             chunk.zero_grad_buffer()
@@ -82,6 +85,7 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
             scheduler.step(increment=1)
         result.iteration += 1
         result.consumed_samples += args.global_batch_size
+        profiler.after_iteration(result.iteration)
         reduced = _reduce_losses(losses)
         tokens, flops = _global_counts(step.tokens, step.flops)  # a collective read: the step has finished
         total_tokens += tokens
