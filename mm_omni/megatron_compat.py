@@ -29,3 +29,18 @@ def transformer_layer_mlp(submodules: MLPSubmodules):
     if _MLP_AS_LAYER_SUBMODULE is not None:
         return functools.partial(_MLP_AS_LAYER_SUBMODULE, submodules=submodules)
     return ModuleSpec(module=MLP, submodules=submodules)
+
+
+def moe_router_without_transformer_engine() -> None:
+    """Let megatron's MoE router run without TransformerEngine.
+
+    ``moe_utils.RouterGatingLinearFunction`` (the router's logits GEMM) tests ``te_general_gemm is not None``
+    and otherwise takes its plain ``torch.mm`` path, but 0.16 binds that name only when the TransformerEngine
+    import succeeds, so without TE every MoE forward fails with ``NameError: name 'te_general_gemm' is not
+    defined``. Binding it to None selects the torch path and changes nothing else; where the name exists
+    (TE installed, or a release that binds it either way) this does nothing.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -200,7 +200,9 @@ def hf_loss(model, data_json: Path) -> float:
     from mm_omni.config.data import load_data_config
     from mm_omni.data import build_dataloader
 
-    loader = build_dataloader(load_data_config(str(data_json)), micro_batch_size=1, seq_length=512)
+    cfg = load_data_config(str(data_json))
+    cfg.dataloader_param.packing = False  # one padded row per batch: transformers' thinker takes no cu_seqlens
+    loader = build_dataloader(cfg, micro_batch_size=1, seq_length=512)
     epoch = itertools.islice(loader, len(loader.dataset))  # the training sampler never stops: one pass
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "pixel_values_videos",
             "video_grid_thw", "input_features", "feature_attention_mask", "video_second_per_grid")

@@ -7,7 +7,7 @@ errors that name the key and the fix; bad values name field, value and fix.
 Our additions (all optional): ``basic_parameters.cutoff_len`` (MindSpeed-MM rejects it and uses
 ``--seq-length``; here it wins when given), ``basic_parameters.on_bad_sample``,
 ``basic_parameters.default_system``, ``preprocess_parameters.use_audio_in_video`` and
-``dataloader_param.packing`` / ``num_workers``.
+``dataloader_param.packing`` / ``packing_window`` / ``num_workers``.
 """
 
 from __future__ import annotations
@@ -166,8 +166,22 @@ class DataloaderParam(_Strict):
     drop_last: bool = True
     num_workers: Optional[int] = Field(None, ge=0)
     pin_memory: bool = True
-    packing: bool = False
+    # false: pad rows; "budget" (or true): token-budget packing to --seq-length (mm_omni.data.packing);
+    # "micro_batch": the rows of one micro-batch concatenated into one sequence
+    packing: Literal[False, "budget", "micro_batch"] = False
+    packing_window: int = Field(512, gt=0)  # rows per first-fit-decreasing window of budget packing
     collate_param: CollateParam = Field(default_factory=CollateParam)
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_mode(cls, v):
+        if v is True:
+            return "budget"
+        if v is False or v in ("budget", "micro_batch"):
+            return v
+        raise ValueError(f"packing={v!r} is not a packing mode: set false (pad rows), true or \"budget\" "
+                         "(pack rows up to --seq-length tokens), or \"micro_batch\" (concatenate the rows of "
+                         "one micro-batch)")
 
 
 class DataConfig(_Strict):
@@ -206,6 +220,20 @@ def load_data_config(source: str | Path | dict) -> DataConfig:
         lines = [_describe(e, DataConfig) for e in exc.errors()]
         raise ValueError(f"invalid data config {source if not isinstance(source, dict) else ''}:\n  "
                          + "\n  ".join(lines)) from None
+
+
+def packing_budget(cfg: DataConfig, seq_length: Optional[int]) -> Optional[int]:
+    """Tokens per pack under ``dataloader_param.packing: "budget"`` (``--seq-length``); None otherwise."""
+    if cfg.dataloader_param.packing != "budget":
+        return None
+    if seq_length is None:
+        raise ValueError("dataloader_param.packing='budget' packs rows up to --seq-length tokens, but no "
+                         "--seq-length is given: pass --seq-length, or set dataloader_param.packing to false")
+    cutoff = cfg.dataset_param.basic_parameters.cutoff_len
+    if cutoff is not None and cutoff > seq_length:
+        raise ValueError(f"basic_parameters.cutoff_len={cutoff} is longer than the packing budget --seq-length="
+                         f"{seq_length} (dataloader_param.packing='budget'): set cutoff_len <= {seq_length}")
+    return int(seq_length)
 
 
 def resolve_cutoff_len(cfg: DataConfig, seq_length: Optional[int]) -> int:

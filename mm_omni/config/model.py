@@ -155,13 +155,51 @@ class TextDecoderConfig(_ModuleCommon):
     # MindSpeed-MM's switch to unpad rows for its varlen flash kernel: the math is the same either way (padding
     # never reaches a real token's attention here), so it is accepted and changes nothing
     use_remove_padding: Optional[bool] = None
+    # Qwen3-style blocks (megatron's names): a head size of its own (unset: hidden_size / num_attention_heads),
+    # an RMSNorm over each query and key head before the rotary, and M-RoPE with interleaved frequencies
+    # (frequency i from the height positions when i % 3 == 1, the width ones when i % 3 == 2, within
+    # 3 * mrope_section of that axis; the temporal ones elsewhere) instead of contiguous sections
+    kv_channels: Optional[int] = Field(default=None, gt=0)
+    qk_layernorm: bool = False
+    mrope_interleaved: bool = False
+    # mixture of experts (megatron's names); num_moe_experts unset = a dense MLP in every layer.
+    # moe_layer_freq: k = every k-th layer from layer 0 is MoE, or a 0/1 list with one entry per layer.
+    # moe_router_pre_softmax false: softmax over the top-k logits (= transformers' norm_topk_prob true).
+    # moe_aux_loss_coeff scales megatron's per-layer load-balancing loss (mm_omni.models.text.moe).
+    num_moe_experts: Optional[int] = Field(default=None, gt=0)
+    moe_router_topk: int = Field(default=2, gt=0)
+    moe_ffn_hidden_size: Optional[int] = Field(default=None, gt=0)
+    moe_layer_freq: Union[int, list[int]] = 1
+    moe_router_pre_softmax: bool = False
+    moe_aux_loss_coeff: float = Field(default=0.0, ge=0.0)
+    moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)
     cp: int = Field(default=1, ge=1)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads  # type: ignore[operator]
+        return self.kv_channels or self.hidden_size // self.num_attention_heads  # type: ignore[operator]
+
+    @model_validator(mode="after")
+    def _check_moe(self):
+        freq = self.moe_layer_freq
+        if isinstance(freq, int) and freq < 1:
+            raise ValueError(f"moe_layer_freq={freq}: use k >= 1 (every k-th layer) or a 0/1 list per layer")
+        if isinstance(freq, list) and (len(freq) != self.num_layers or set(freq) - {0, 1}):
+            raise ValueError(f"moe_layer_freq={freq}: a list needs one 0/1 entry per layer ({self.num_layers})")
+        if self.num_moe_experts is None:
+            return self
+        if self.moe_router_topk > self.num_moe_experts:
+            raise ValueError(f"moe_router_topk={self.moe_router_topk} exceeds num_moe_experts="
+                             f"{self.num_moe_experts}: route each token to at most num_moe_experts experts")
+        if self.moe_ffn_hidden_size is None:
+            raise ValueError(f"num_moe_experts={self.num_moe_experts} but moe_ffn_hidden_size is unset: set the "
+                             "experts' intermediate width (transformers' moe_intermediate_size)")
+        if not self.gated_linear_unit:
+            raise ValueError("num_moe_experts is set with gated_linear_unit=false: the experts implemented are "
+                             "gated MLPs (act(gate) * up); set gated_linear_unit=true")
+        return self
 
     @model_validator(mode="after")
     def _check_rope(self):
@@ -180,8 +218,9 @@ class TextDecoderConfig(_ModuleCommon):
                              f"{self.mrope_section}: the decoder uses mrope_section; make them equal")
         if self.num_attention_heads and sum(self.mrope_section) * 2 != self.head_dim:
             raise ValueError(f"mrope_section={self.mrope_section} sums to {sum(self.mrope_section)} but head_dim / 2 "
-                             f"is {self.head_dim // 2} (hidden_size {self.hidden_size} / num_attention_heads "
-                             f"{self.num_attention_heads} / 2): make the sections add up to {self.head_dim // 2}")
+                             f"is {self.head_dim // 2} (kv_channels {self.kv_channels}, hidden_size {self.hidden_size}, "
+                             f"num_attention_heads {self.num_attention_heads}): make the sections add up to "
+                             f"{self.head_dim // 2}")
         return self
 
     @model_validator(mode="after")

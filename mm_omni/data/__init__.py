@@ -9,10 +9,11 @@ from mm_omni.data.collate import OmniCollator
 from mm_omni.data.dataset import OmniSFTDataset
 from mm_omni.data.encode import RowEncoder, TooLongError
 from mm_omni.data.formats import BadSampleError, Conversation
+from mm_omni.data.packing import TokenBudgetBatchSampler
 from mm_omni.data.sampler import ResumableBatchSampler
 from mm_omni.data.template import IGNORE_INDEX
 
 __all__ = [
     "BadSampleError", "Conversation", "IGNORE_INDEX", "OmniCollator", "OmniSFTDataset", "ResumableBatchSampler",
-    "RowEncoder", "TooLongError", "build_dataloader",
+    "RowEncoder", "TokenBudgetBatchSampler", "TooLongError", "build_dataloader",
 ]

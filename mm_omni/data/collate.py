@@ -1,7 +1,8 @@
 """Collation: pad rows into ``[b, s]`` or pack them into one ``[1, s]`` sequence with ``cu_seqlens``.
 
 Token keys: ``input_ids``, ``labels`` (-100 = ignored, not shifted), ``attention_mask``, ``position_ids``
-``[3, b, s]`` and, when packing, ``cu_seqlens`` (int32, n_rows + 1). Every other key of a row is what the
+``[3, b, s]`` and, when packing, ``cu_seqlens`` (int32, one entry per sequence + 1: the rows, then the
+bucket padding's sequence if there is one; see :class:`OmniCollator`). Every other key of a row is what the
 row encoder put there for the model, collated by one rule per kind of value, not by name:
 
 - a tensor (media: pixels, grids, mel features and their masks, ...) is concatenated along its first
@@ -19,7 +20,7 @@ valid audio of the batch, not 30 s), ``feature_attention_mask`` and ``use_audio_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -30,10 +31,24 @@ PAD_POSITION = 1  # what transformers' get_rope_index leaves on padding
 
 
 class OmniCollator:
-    def __init__(self, pad_token_id: int, packing: bool = False, pad_to_multiple_of: int = 8):
+    """``packing``: lay the rows out as one sequence (else pad them to ``[b, s]``).
+
+    When packing, ``segment_multiple`` pads every row to a multiple of it inside its own sequence
+    (what context / sequence parallelism needs, so their per-sequence padding finds nothing left to
+    do), and ``bucket_lengths`` (sorted) pads the sequence up to the smallest bucket that holds it,
+    the padding being one more sequence of its own at the end: the decoder then sees a few repeating
+    shapes. Padding tokens are ``pad_token_id`` with label ``IGNORE_INDEX``, ``attention_mask`` 0 and
+    position ``PAD_POSITION``; each sits after the real tokens of its own sequence, so no real token
+    attends to it and the loss is unchanged.
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool = False, pad_to_multiple_of: int = 8,
+                 bucket_lengths: Optional[Sequence[int]] = None, segment_multiple: int = 1):
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.bucket_lengths = tuple(sorted(bucket_lengths)) if bucket_lengths else None
+        self.segment_multiple = segment_multiple
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self._pack(rows) if self.packing else self._pad(rows)
@@ -58,24 +73,43 @@ class OmniCollator:
         return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids)
 
     def _pack(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.int32)
-        cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lengths, 0)
-        labels = []
+        ids, labels, mask, pos, lengths = [], [], [], [], []
         for r in rows:
+            n = len(r["input_ids"])
             lab = r["labels"].clone().long()
             # The model shifts labels by one; a row's first label would be predicted from the previous
             # row's last token. Unpacked, labels[0] is never a target either, so this changes nothing.
             lab[0] = IGNORE_INDEX
-            labels.append(lab)
-        input_ids = torch.cat([r["input_ids"].long() for r in rows])[None]
+            self._append(ids, labels, mask, pos, r["input_ids"].long(), lab, r["position_ids"].long(),
+                         -n % self.segment_multiple)
+            lengths.append(n + -n % self.segment_multiple)
+        total = sum(lengths)
+        if self.bucket_lengths is not None:
+            bucket = next((b for b in self.bucket_lengths if b >= total), None)
+            if bucket is None:
+                raise ValueError(f"a packed micro-batch of {total} tokens is longer than the largest bucket "
+                                 f"{self.bucket_lengths[-1]}: the sampler's packs exceed its budget")
+            if bucket > total:  # the padding: a sequence of its own
+                empty = torch.zeros(0, dtype=torch.long)
+                self._append(ids, labels, mask, pos, empty, empty, torch.zeros(3, 0, dtype=torch.long), bucket - total)
+                lengths.append(bucket - total)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
         return dict(
-            input_ids=input_ids,
+            input_ids=torch.cat(ids)[None],
             labels=torch.cat(labels)[None],
-            attention_mask=torch.ones_like(input_ids),
-            position_ids=torch.cat([r["position_ids"] for r in rows], dim=1)[:, None, :],
+            attention_mask=torch.cat(mask)[None],
+            position_ids=torch.cat(pos, dim=1)[:, None, :],
             cu_seqlens=cu,
         )
+
+    def _append(self, ids: list, labels: list, mask: list, pos: list, row_ids: torch.Tensor,
+                row_labels: torch.Tensor, row_pos: torch.Tensor, pad: int) -> None:
+        """One sequence of the packed row: the tokens, then ``pad`` padding tokens."""
+        ids += [row_ids, torch.full((pad,), self.pad_token_id, dtype=torch.long)]
+        labels += [row_labels, torch.full((pad,), IGNORE_INDEX, dtype=torch.long)]
+        mask += [torch.ones(len(row_ids), dtype=torch.long), torch.zeros(pad, dtype=torch.long)]
+        pos += [row_pos, torch.full((3, pad), PAD_POSITION, dtype=torch.long)]
 
 
 def _row_values(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -67,6 +67,10 @@ class ParallelTokenLayout(TokenLayout):
             return super().loss(per_token_loss, loss_mask)
         return mean_loss_over_group(per_token_loss, loss_mask, self.split.group)
 
+    def segments(self):
+        seg = super().segments()
+        return seg if seg is None or self.split is None else self.split.take(seg, 1)
+
 
 def decoder_layout(decoder: torch.nn.Module) -> Callable[..., TokenLayout]:
     """The ``layout`` for ``decoder``'s forwards under its config's context and sequence parallelism."""

@@ -12,11 +12,20 @@ So the three modes are:
 - ``per_sample`` (``--calculate-per-sample-loss``): mean over the tokens of each sample, then the
   mean over samples of the micro-batch, averaged like the default.
 
+Packed micro-batches (``cu_seqlens``; with token-budget packing a micro-batch is ``micro_batch_size``
+packs of rows): ``micro_batch_mean`` is the mean over the label tokens of the micro-batch, i.e. of
+all its packs together, and ``per_token`` is unchanged (a sum over tokens does not see packing). A
+*sample* of ``per_sample`` is a row, not a pack: the model's output says which packed sequence each
+token belongs to (``segment_ids``, ``num_segments``), each row's mean is taken over its own tokens and
+the micro-batch's loss is the mean of its rows' means, as if the rows came unpacked; a sequence
+without label tokens (the collator's bucket padding) counts for nothing.
+
 The reported ``lm loss`` is the quantity that is optimised, in each mode.
 
 Context parallelism: each CP rank holds part of every sequence (its ``per_token_loss`` covers its
 tokens only) and DDP averages gradients over DP x CP. The token counts that divide a loss (of the
-micro-batch, of each sample) are summed over the CP group, and the two averaged modes multiply the
+micro-batch, of each sample or packed row: one count per sequence of ``cu_seqlens``, the same number on
+every CP rank) are summed over the CP group, and the two averaged modes multiply the
 back-propagated value by the CP size, so the sum over CP ranks is the full sequence's loss (what
 megatron's ``pretrain_gpt`` does for its loss). ``per_token`` needs neither: megatron already sums
 its token counts over DP x CP.
@@ -58,9 +67,10 @@ def loss_func(mode: str, output) -> tuple[torch.Tensor, torch.Tensor, dict]:
     per_token, mask = output.per_token_loss.float(), output.loss_mask.float()
     cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
     if mode == "per_sample":
-        tokens = _sum_over_cp(mask.sum(-1), cp)
+        sums, tokens = _per_sample(per_token, mask, output)
+        tokens = _sum_over_cp(tokens, cp)
         has = tokens > 0
-        loss = (per_token.sum(-1) / tokens.clamp(min=1))[has].sum()
+        loss = torch.where(has, sums / tokens.clamp(min=1), 0.0).sum()
         count = has.sum()
     else:
         loss, count = per_token.sum(), mask.sum()
@@ -74,6 +84,17 @@ def loss_func(mode: str, output) -> tuple[torch.Tensor, torch.Tensor, dict]:
     else:  # each micro-batch weighs the same: report its mean with weight 1
         report = torch.stack([loss.detach() / count.clamp(min=1), torch.ones_like(loss)])
     return loss, count, {"lm loss": report}
+
+
+def _per_sample(per_token: torch.Tensor, mask: torch.Tensor, output) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, label tokens) of every sample on this rank: a row of ``[b, s]``, or a packed sequence."""
+    seg = getattr(output, "segment_ids", None)
+    if seg is None:
+        return per_token.sum(-1), mask.sum(-1)
+    seg, n = seg.reshape(-1).to(per_token.device, torch.long), output.num_segments
+    sums = per_token.new_zeros(n).index_add(0, seg, per_token.reshape(-1))
+    tokens = mask.new_zeros(n).index_add(0, seg, mask.reshape(-1))
+    return sums, tokens
 
 
 def _sum_over_cp(t: torch.Tensor, cp: int) -> torch.Tensor:

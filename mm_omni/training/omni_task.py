@@ -71,7 +71,7 @@ def pipeline_overrides(cfg: OmniModelConfig, pp: int, vpp: Optional[int]) -> dic
 def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) -> TrainTask:
     if model_cfg is None or not args.mm_data:
         raise ArgumentsError("--mm-model and --mm-data are required: the model.json and data.json to train on")
-    from mm_omni.config.data import load_data_config
+    from mm_omni.config.data import load_data_config, packing_budget
     from mm_omni.data import OmniSFTDataset, build_dataloader
     from mm_omni.models.omni import OmniModel
     from mm_omni.models.omni_flops import omni_batch_flops
@@ -80,6 +80,7 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
     from mm_omni.parallel.hetero import hetero_encoders
 
     data_cfg = load_data_config(args.mm_data)
+    packing_budget(data_cfg, args.seq_length)  # budget packing without --seq-length fails here, before any model
     overrides = dict(pipeline_overrides(model_cfg, args.pipeline_model_parallel_size, args.vpp_size),
                      tensor_model_parallel_size=args.tensor_model_parallel_size,
                      sequence_parallel=args.sequence_parallel, pipeline_dtype=params_dtype(args),
@@ -103,7 +104,8 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
         loader = build_dataloader(
             data_cfg, micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
             dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
-            seed=args.seed, consumed_samples=consumed, num_workers=args.num_workers, dataset=dataset[0])
+            seed=args.seed, consumed_samples=consumed, num_workers=args.num_workers, dataset=dataset[0],
+            segment_multiple=multiple)
         return iter(loader)
 
     def forward(model, batch):

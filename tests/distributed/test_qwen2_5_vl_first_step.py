@@ -10,8 +10,9 @@ PP=2, ``--context-parallel-algo ulysses_cp_algo`` kept). The checkpoint is a ran
 ``Qwen2_5_VLForConditionalGeneration`` saved by transformers and converted with ``mm-convert Qwen2_5_VLConverter
 hf_to_mm`` (text layers [1, 2], vision [4, 0]). transformers' model, loaded from the same directory, then runs on
 exactly the micro-batches the run consumed (recorded by tests/distributed/first_step_worker.py) and computes its
-own positions (``get_rope_index``); its loss, reduced like the run's (the mean over label tokens of each
-micro-batch, averaged over micro-batches), must equal the logged iteration-1 loss at rel 1e-5.
+own positions (``get_rope_index``) on the rows of each (token-budget packed) micro-batch, padded; its loss,
+reduced like the run's (the mean over label tokens of each micro-batch, averaged over micro-batches), must
+equal the logged iteration-1 loss at rel 1e-5.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ SIZE_KEYS = {"num_layers", "hidden_size", "ffn_hidden_size", "intermediate_size"
              "num_attention_heads", "num_query_groups", "window_attn_size", "fullatt_block_indexes", "input_size",
              "mrope_section", "pipeline_num_layers"}
 DTYPE_KEYS = {"params_dtype": "fp32", "bf16": False, "fp16": False}
-GRAD_ACC_STEP = 4  # MindSpeed-MM's 48 shrunk: 4 micro-batches of 1 row (MBS 1) at DP 1
+GRAD_ACC_STEP = 4  # MindSpeed-MM's 48 shrunk: 4 micro-batches of 1 pack (MBS 1) at DP 1
 
 
 def shrunk_model_json(tiny_model_json: Path, out: Path) -> Path:
@@ -139,8 +140,26 @@ def first_step(tmp_path_factory):
     return hf_dir, records, stdout
 
 
+def unpacked(batch: dict) -> dict:
+    """A recorded packed micro-batch (data_7b.json packs to the token budget) as padded rows for transformers:
+    one row per ``cu_seqlens`` sequence that holds tokens (the bucket padding's holds none); media stay in row
+    order."""
+    cu = batch["cu_seqlens"].tolist()
+    spans = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if batch["attention_mask"][0, a:b].any()]
+    s = max(b - a for a, b in spans)
+    out = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw")}
+    out.update(input_ids=torch.zeros(len(spans), s, dtype=torch.long),
+               labels=torch.full((len(spans), s), -100, dtype=torch.long),
+               attention_mask=torch.zeros(len(spans), s, dtype=torch.long))
+    for i, (a, b) in enumerate(spans):
+        for key in ("input_ids", "labels", "attention_mask"):
+            out[key][i, :b - a] = batch[key][0, a:b]
+    return out
+
+
 def hf_loss(model, batch, image_token_id: int, blank_media: bool = False) -> torch.Tensor:
     """transformers on one recorded micro-batch, its own positions: the mean over label tokens."""
+    batch = unpacked(batch)
     ids = batch["input_ids"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw") if k in batch}
     inputs["mm_token_type_ids"] = (ids == image_token_id).int()  # what the processor returns (images only here)
@@ -171,5 +190,6 @@ def test_first_step_loss_equals_transformers(first_step):
     assert rel < RTOL, f"logged {got[-1]} vs transformers {ref} (rel {rel:.2e})"
     blind = float(sum(hf_loss(model, b, image_token_id, blank_media=True) for b in batches) / len(batches))
     assert abs(blind - ref) / abs(ref) > 100 * RTOL, f"the loss hardly depends on the images ({blind})"
-    rows = {tuple(b["input_ids"][0].tolist()) for b in batches}
-    assert len(rows) == len(ROWS) and sum(int((b["input_ids"] == image_token_id).any()) for b in batches) == 3
+    rows = {tuple(r[m.bool()].tolist()) for b in map(unpacked, batches) for r, m in zip(b["input_ids"],
+                                                                                     b["attention_mask"])}
+    assert len(rows) == len(ROWS) and sum(int(image_token_id in r) for r in rows) == 3

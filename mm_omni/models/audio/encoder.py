@@ -13,7 +13,7 @@ its valid mel frames and yields ``((L - 1) // 2 + 1 - 2) // 2 + 1`` tokens for `
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
@@ -25,7 +25,7 @@ from mm_omni.config.model import AudioEncoderConfig
 from mm_omni.models.audio.front_end import (
     ChunkLayout, chunk_layout, conv_output_lengths, conv_stem, gather_chunks, sinusoid_table,
 )
-from mm_omni.models.common.encoder_api import item_starts
+from mm_omni.models.audio.items import ClipItems
 from mm_omni.models.common.layer_spec import transformer_layer_spec
 from mm_omni.models.common.transformer_config import megatron_transformer_config
 from mm_omni.platform import get_platform
@@ -96,7 +96,7 @@ class OmniAudioTransformer(MegatronModule):
         return self.proj(self.ln_post(pooled))
 
 
-class AudioEncoder(MegatronModule):
+class AudioEncoder(ClipItems, MegatronModule):
     """The omni model's ``audio_encoder``.
 
     ``forward(input_features, feature_lens)`` takes the mel features either padded per clip,
@@ -117,32 +117,9 @@ class AudioEncoder(MegatronModule):
         # lengths after the convs are derived from feature_lens.
         return self.encoder(input_features, feature_lens)
 
-    # -- items (mm_omni.models.common.encoder_api.ItemEncoder): a clip, its valid mel frames ---------------
-    def item_costs(self, feature_lens: torch.Tensor) -> list[int]:
-        """Valid mel frames per clip."""
-        return feature_lens.tolist()
-
+    # -- items (ClipItems): a clip, its valid mel frames; the token rule and dummy input are this encoder's ---
     def item_tokens(self, feature_lens: torch.Tensor) -> list[int]:
         return conv_output_lengths(feature_lens.cpu())[1].tolist()
-
-    def take_items(self, input_features: torch.Tensor, feature_lens: torch.Tensor,
-                   items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.tensor(items)
-        lens = feature_lens[idx.to(feature_lens.device)]
-        if input_features.dim() == 3:  # padded [n_audio, mel, T]
-            return input_features.index_select(0, idx.to(input_features.device)), lens
-        starts = item_starts(self.item_costs(feature_lens))  # transformers' flat valid frames [mel, sum(lens)]
-        cols = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in items])
-        return input_features.index_select(1, cols.to(input_features.device)), lens
-
-    def join_items(self, parts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every clip's valid frames in the flat layout ``[mel, sum(lens)]`` (padded parts differ in length)."""
-        flat = []
-        for feats, lens in parts:
-            if feats.dim() == 3:  # padded [n, mel, T] -> transformers' flat [mel, sum(T_i)]
-                feats = torch.cat([clip[:, :n] for clip, n in zip(feats, lens.tolist())], dim=1)
-            flat.append(feats)
-        return torch.cat(flat, dim=1), torch.cat([lens for _, lens in parts])
 
     def dummy_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One clip of 4 zero mel frames (one audio token)."""

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from mm_omni.models.common.indexing import repeat_counts
+
 
 def sinusoid_table(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
     """Whisper's fixed positions [length, channels]: sin half then cos half (fp32, as transformers)."""
@@ -101,7 +103,7 @@ def chunk_layout(feature_lens: torch.Tensor, n_window: int) -> ChunkLayout:
         raise ValueError(f"every audio clip needs at least one mel frame; got feature_lens={lens.tolist()}")
 
     clips = torch.arange(lens.numel(), device=device)
-    chunk_clip = torch.repeat_interleave(clips, n_chunks, output_size=num_chunks)
+    chunk_clip = repeat_counts(clips, n_chunks, num_chunks)
     chunk_rank = torch.arange(num_chunks, device=device) - _exclusive_cumsum(n_chunks)[chunk_clip]
     chunk_start = chunk_rank * window
     chunk_frames = (lens[chunk_clip] - chunk_start).clamp(max=window)
@@ -109,13 +111,12 @@ def chunk_layout(feature_lens: torch.Tensor, n_window: int) -> ChunkLayout:
     cu_seqlens = F.pad(chunk_tokens.cumsum(0), (1, 0)).to(torch.int32)
 
     # token t of chunk c sits at c * (window // 2) + (t - cu_seqlens[c]) in the padded conv grid
-    token_chunk = torch.repeat_interleave(torch.arange(num_chunks, device=device), chunk_tokens,
-                                          output_size=num_tokens)
+    token_chunk = repeat_counts(torch.arange(num_chunks, device=device), chunk_tokens, num_tokens)
     token_pos = torch.arange(num_tokens, device=device) - cu_seqlens[:-1].long()[token_chunk]
     token_index = token_chunk * (window // 2) + token_pos
 
     # pair k of clip i averages its tokens 2k and 2k + 1 (pairs never straddle two clips)
-    pool_clip = torch.repeat_interleave(clips, pooled, output_size=num_pooled)
+    pool_clip = repeat_counts(clips, pooled, num_pooled)
     pair = torch.arange(num_pooled, device=device) - _exclusive_cumsum(pooled)[pool_clip]
     pool_index = _exclusive_cumsum(clip_tokens)[pool_clip] + 2 * pair
     return ChunkLayout(window, chunk_clip, chunk_start, chunk_frames, token_index, cu_seqlens,

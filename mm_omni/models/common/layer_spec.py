@@ -5,6 +5,11 @@ linear, our :class:`CoreAttention`, row-parallel output projection) -> residual 
 (column/row-parallel linears; SwiGLU or plain GELU from the ``TransformerConfig``) -> residual.
 The norm class (RMSNorm or LayerNorm) also comes from ``config.normalization``; it is :class:`Norm`, which,
 unlike megatron's ``WrappedTorchNorm``, accepts sequence parallelism.
+
+Two switches of the ``TransformerConfig`` change a layer: ``qk_layernorm`` adds a :class:`Norm` over each
+query and key head (before the rotary), and ``num_moe_experts`` with ``moe_layer_freq`` replaces the MLP
+of the chosen layers by megatron's ``MoELayer`` (top-k router, token dispatcher, experts of
+:mod:`mm_omni.models.common.experts`).
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset,
+)
 
-from mm_omni.megatron_compat import transformer_layer_mlp
+from mm_omni.megatron_compat import moe_router_without_transformer_engine, transformer_layer_mlp
 from mm_omni.models.common.attention import CoreAttention
+from mm_omni.models.common.experts import GroupedExperts
 
 
 class Norm:
@@ -54,13 +63,33 @@ def transformer_block_spec(config: TransformerConfig, attn_mask_type: AttnMaskTy
                            vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     """This stage's layers plus the block's final norm, both with :class:`Norm` (megatron builds the
     final norm of a plain layer spec with its own ``WrappedTorchNorm``)."""
-    layer = transformer_layer_spec(attn_mask_type)
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                      layer_norm=Norm)
+    qk_norm = bool(config.qk_layernorm)
+    dense = transformer_layer_spec(attn_mask_type, qk_layernorm=qk_norm)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    if config.num_moe_experts is None:
+        return TransformerBlockSubmodules(layer_specs=[dense] * num_layers, layer_norm=Norm)
+    moe = transformer_layer_spec(attn_mask_type, qk_layernorm=qk_norm, moe=True)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    pattern = moe_layer_pattern(config)[offset:offset + num_layers]
+    return TransformerBlockSubmodules(layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=Norm)
 
 
-def transformer_layer_spec(attn_mask_type: AttnMaskType) -> ModuleSpec:
-    """Pre-norm transformer layer; ``causal`` for the decoder, ``no_mask`` for the encoders."""
+def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
+    """Which layers (0-based, over all pipeline stages) have a mixture of experts: megatron's
+    ``moe_layer_freq``, an int k (every k-th layer from layer 0) or a 0/1 list with one entry per layer."""
+    if config.num_moe_experts is None:
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(config.num_layers)]
+    if len(freq) != config.num_layers:
+        raise ValueError(f"moe_layer_freq={freq}: a list needs one entry per layer ({config.num_layers})")
+    return [bool(f) for f in freq]
+
+
+def transformer_layer_spec(attn_mask_type: AttnMaskType, qk_layernorm: bool = False, moe: bool = False) -> ModuleSpec:
+    """Pre-norm transformer layer; ``causal`` for the decoder, ``no_mask`` for the encoders. ``qk_layernorm``:
+    a norm over each query and key head; ``moe``: a mixture of experts instead of the dense MLP."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -72,13 +101,13 @@ def transformer_layer_spec(attn_mask_type: AttnMaskType) -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=CoreAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=Norm if qk_layernorm else IdentityOp,
+                    k_layernorm=Norm if qk_layernorm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=transformer_layer_mlp(mlp_spec().submodules),
+            mlp=moe_spec() if moe else transformer_layer_mlp(mlp_spec().submodules),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -114,3 +143,13 @@ def mlp_spec() -> ModuleSpec:
         module=MLP,
         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=AlignedRowParallelLinear),
     )
+
+
+def moe_spec() -> ModuleSpec:
+    """megatron's ``MoELayer``: its ``TopKRouter`` (weight ``router.weight``) and token dispatcher, and
+    :class:`GroupedExperts` (expert ``i`` of this rank is ``experts.local_experts.i``, a gated MLP whose
+    linears megatron marks as expert parameters: reduced over the expert-data-parallel group)."""
+    moe_router_without_transformer_engine()
+    experts = ModuleSpec(module=GroupedExperts,
+                         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts))

@@ -43,3 +43,29 @@ def mrope_freqs(
     picked = torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)  # [b, s, head_dim / 2]
     emb = torch.cat([picked, picked], dim=-1)
     return emb.transpose(0, 1)[:, :, None, :].contiguous()
+
+
+def interleaved_mrope_freqs(
+    position_ids: torch.Tensor, head_dim: int, mrope_section: list[int], theta: float
+) -> torch.Tensor:
+    """Interleaved M-RoPE (Qwen3-VL / Qwen3-Omni): 3D ``position_ids`` [3, b, s] -> freqs [s, b, 1, head_dim].
+
+    Frequency i of the head_dim/2 takes the height position when ``i % 3 == 1`` and
+    ``i < 3 * mrope_section[1]``, the width position when ``i % 3 == 2`` and ``i < 3 * mrope_section[2]``,
+    the temporal position otherwise; so every axis spans low and high frequencies, where
+    :func:`mrope_freqs` gives each axis one contiguous band. Positions may be fractional (kept as
+    floats, as transformers does).
+    """
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(
+            f"mrope_section={mrope_section} sums to {sum(mrope_section)}; it must be head_dim/2 = {head_dim // 2}"
+        )
+    freq = inv_freq(head_dim, theta, position_ids.device)  # [head_dim / 2]
+    angles = position_ids.float()[..., None] * freq  # [3, b, s, head_dim / 2]
+    i = torch.arange(head_dim // 2, device=position_ids.device)
+    axis = torch.zeros_like(i)
+    for a in (1, 2):
+        axis = torch.where((i % 3 == a) & (i < 3 * mrope_section[a]), a, axis)
+    picked = angles.gather(0, axis.expand_as(angles[:1]))[0]  # [b, s, head_dim / 2]
+    emb = torch.cat([picked, picked], dim=-1)
+    return emb.transpose(0, 1)[:, :, None, :].contiguous()

@@ -1,10 +1,14 @@
-"""Qwen2 text decoder with M-RoPE (Qwen2.5-Omni's thinker LLM) on megatron-core.
+"""Qwen2 text decoder with M-RoPE (Qwen2.5-Omni's thinker LLM) on megatron-core, and its Qwen3-MoE form.
 
 ``TextDecoder`` is the omni model's ``text_decoder``; its parameters carry MindSpeed-MM's names:
 ``embedding.word_embeddings`` (vocab-parallel), ``decoder.layers.N...`` (megatron-core
 ``TransformerBlock``: RMSNorm, GQA self-attention with a QKV bias, SwiGLU, no other bias),
 ``decoder.final_layernorm`` and ``output_layer`` (column-parallel; absent when tied to the
-embedding). Built on megatron's ``LanguageModule`` so pipeline stages get its tied-embedding
+embedding). The config adds what Qwen3-MoE decoders (Qwen3-Omni's thinker) have: a head size of their
+own (``kv_channels``), RMSNorm on each query / key head (``qk_layernorm``: ``self_attention.q_layernorm``
+/ ``k_layernorm``), interleaved M-RoPE (``mrope_interleaved``) and megatron's mixture-of-experts layers
+(``num_moe_experts``: ``mlp.router.weight``, ``mlp.experts.local_experts.E.linear_fc1/2``; the
+load-balancing loss and its scale are described in :mod:`mm_omni.models.text.moe`). Built on megatron's ``LanguageModule`` so pipeline stages get its tied-embedding
 bookkeeping (first/last stage copies, ``shared_embedding_or_output_weight``).
 
 Batches come either padded, ``[b, s]`` with an ``attention_mask`` (left or right padding), or
@@ -36,17 +40,19 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm_omni.config.model import TextDecoderConfig
 from mm_omni.models.common.layer_spec import transformer_block_spec
-from mm_omni.models.common.rotary import mrope_freqs
+from mm_omni.models.common.rotary import interleaved_mrope_freqs, mrope_freqs
 from mm_omni.models.common.transformer_config import megatron_transformer_config
 from mm_omni.models.text.fused_loss import output_layer_lm_loss
 from mm_omni.models.text.layout import TokenLayout
 from mm_omni.models.text.loss import IGNORE_INDEX, vocab_parallel_lm_loss
+from mm_omni.models.text.moe import moe_transformer_config
 from mm_omni.platform import get_platform
 
 
 def text_transformer_config(cfg: TextDecoderConfig, **overrides) -> TransformerConfig:
     """Qwen2 blocks: RMSNorm, a gated MLP (SwiGLU in Qwen2.5-Omni), GQA with a QKV bias and no other linear
-    bias. (model.json's schema already refused rope scaling other than plain M-RoPE.)"""
+    bias; with ``qk_layernorm`` / ``num_moe_experts`` set, Qwen3-MoE blocks. (model.json's schema already
+    refused rope scaling other than plain M-RoPE.)"""
     groups = cfg.num_query_groups if cfg.group_query_attention else cfg.num_attention_heads
     add_bias = (not cfg.disable_bias_linear) if cfg.add_bias_linear is None else cfg.add_bias_linear
     kwargs = dict(
@@ -54,6 +60,10 @@ def text_transformer_config(cfg: TextDecoderConfig, **overrides) -> TransformerC
         add_qkv_bias=cfg.add_qkv_bias, init_method_std=cfg.init_method_std,
         attention_softmax_in_fp32=cfg.attention_softmax_in_fp32,
     )
+    if cfg.qk_layernorm:
+        kwargs["qk_layernorm"] = True  # also makes finalize_model_grads sum their gradients over TP
+    if cfg.num_moe_experts is not None:
+        kwargs.update(moe_transformer_config(cfg))
     kwargs.update(overrides)
     return megatron_transformer_config(cfg, **kwargs)
 
@@ -67,6 +77,10 @@ class DecoderOutput:
     loss_mask: Optional[torch.Tensor] = None  # [b, s], 1 where there is a target
     logits: Optional[torch.Tensor] = None  # [b, s, vocab] (gathered over TP), when asked for
     hidden_states: Optional[torch.Tensor] = None  # [s, b, h] output of a non-last pipeline stage
+    # packed input: [b, s] like loss_mask, the sequence of cu_seqlens each position belongs to, and how
+    # many sequences there are (the same on every rank of a context-parallel group)
+    segment_ids: Optional[torch.Tensor] = None
+    num_segments: Optional[int] = None
 
 
 class TextDecoder(LanguageModule):
@@ -88,6 +102,11 @@ class TextDecoder(LanguageModule):
         if cfg.vocab_size % tp:
             raise ValueError(f"text_decoder.vocab_size={cfg.vocab_size} is not divisible by the tensor-parallel "
                              f"size {tp}: pad the vocabulary (and the checkpoint) to a multiple of {tp}")
+        if cfg.num_moe_experts is not None and tp > 1 and not config.sequence_parallel:
+            # megatron's dispatchers gather the tokens over TP x EP: without SP every TP rank would add
+            # the same tokens again (and the load-balancing counts with them)
+            raise ValueError(f"text_decoder.num_moe_experts={cfg.num_moe_experts} at tensor-parallel size {tp} "
+                             "needs sequence parallelism: pass --sequence-parallel (or use TP 1)")
         self.cfg = cfg
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         self.share_embeddings_and_output_weights = not cfg.untie_embeddings_and_output_weights
@@ -178,7 +197,8 @@ class TextDecoder(LanguageModule):
             hidden = tokens.input(hidden)  # after the media scatter (omni model)
         mask, packed_seq_params = tokens.attention()
         position_ids = tokens.positions(position_ids)
-        freqs = mrope_freqs(position_ids.to(device), self.cfg.head_dim, self.cfg.mrope_section, self.cfg.rope_theta)
+        rope = interleaved_mrope_freqs if self.cfg.mrope_interleaved else mrope_freqs
+        freqs = rope(position_ids.to(device), self.cfg.head_dim, self.cfg.mrope_section, self.cfg.rope_theta)
 
         hidden = self.decoder(hidden, attention_mask=mask, rotary_pos_emb=freqs, packed_seq_params=packed_seq_params)
         if not self.post_process:
@@ -202,4 +222,6 @@ class TextDecoder(LanguageModule):
             else:
                 out.per_token_loss, out.loss_mask = vocab_parallel_lm_loss(logits, targets)
             out.loss = tokens.loss(out.per_token_loss, out.loss_mask)
+            if cu_seqlens is not None:
+                out.segment_ids, out.num_segments = tokens.segments(), cu_seqlens.numel() - 1
         return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 
 def text_flops(cfg, row_lengths: Sequence[int]) -> float:
     """Decoder layers + output layer, fwd+bwd, for rows of these lengths."""
@@ -21,11 +23,18 @@ def text_flops(cfg, row_lengths: Sequence[int]) -> float:
 
 
 def row_lengths(batch: dict) -> list[int]:
-    """Sequence lengths of a micro-batch: packed sequences, unpadded rows, or the padded shape."""
+    """Sequence lengths of a micro-batch: packed sequences, unpadded rows, or the padded shape.
+
+    Padding counts no FLOPs: in a packed row, a sequence's length is its ``attention_mask`` ones (the
+    collator's padding sits at a sequence's end, or is a sequence of its own, which drops out)."""
     cu = batch.get("cu_seqlens")
-    if cu is not None:
-        return (cu[1:] - cu[:-1]).tolist()
     mask = batch.get("attention_mask")
+    if cu is not None:
+        cu = cu.long()
+        if mask is None or mask.dim() != 2:
+            return (cu[1:] - cu[:-1]).tolist()
+        ones = torch.cat([mask.new_zeros(1), mask[0].long().cumsum(0)])
+        return [n for n in (ones[cu[1:]] - ones[cu[:-1]]).tolist() if n]
     if mask is not None and mask.dim() == 2:
         return mask.sum(-1).tolist()
     b, s = batch["input_ids"].shape

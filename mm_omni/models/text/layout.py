@@ -95,3 +95,12 @@ class TokenLayout:
     def loss(self, per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """The mean token loss of the forward."""
         return mean_loss(per_token_loss, loss_mask)
+
+    def segments(self) -> Optional[torch.Tensor]:
+        """``[1, s]``: the packed sequence (index into ``cu_seqlens``) of every position; None unpacked."""
+        if self.cu_seqlens is None:
+            return None
+        cu = self.cu_seqlens.to(self.device, torch.long)
+        seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=self.device), cu[1:] - cu[:-1],
+                                      output_size=self.s)
+        return seg[None]

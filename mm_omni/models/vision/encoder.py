@@ -17,18 +17,16 @@ merge block.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from mm_omni.config.model import VisionEncoderConfig, VisionProjectorConfig
-from mm_omni.models.common.encoder_api import item_starts
 from mm_omni.models.common.layer_spec import transformer_layer_spec
 from mm_omni.models.common.rotary import vision_rotary_freqs
 from mm_omni.models.vision.config import vision_transformer_config
+from mm_omni.models.vision.items import PatchItems
 from mm_omni.models.vision.patch_embed import PatchEmbed
 from mm_omni.models.vision.projector import PatchMerger
 from mm_omni.models.vision.window_index import VisionLayout, vision_layout
@@ -86,7 +84,7 @@ class VisionTransformer(MegatronModule):
         return hidden[:, 0], layout
 
 
-class VisionEncoder(MegatronModule):
+class VisionEncoder(PatchItems, MegatronModule):
     """``image_encoder``: pixel patches + ``grid_thw`` -> LLM-width tokens, one per merge block.
 
     ``forward(pixel_values [n_patches, C*T*P*P], grid_thw [n_media, 3])`` returns
@@ -112,29 +110,3 @@ class VisionEncoder(MegatronModule):
         hidden, layout = self.encoder(pixel_values, grid_thw)
         merged = self.projector(hidden)
         return merged.index_select(0, layout.reverse_index)
-
-    # -- items (mm_omni.models.common.encoder_api.ItemEncoder): an image or a video, its grid_thw row ---------
-    def item_costs(self, grid_thw: torch.Tensor) -> list[int]:
-        """Patches per image / video (``t * h * w``)."""
-        return grid_thw.prod(-1).tolist()
-
-    def item_tokens(self, grid_thw: torch.Tensor) -> list[int]:
-        """One token per merge block of ``spatial_merge_size ** 2`` patches."""
-        return [p // self.encoder.cfg.spatial_merge_size**2 for p in self.item_costs(grid_thw)]
-
-    def take_items(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                   items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = item_starts(self.item_costs(grid_thw))
-        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in items]).to(pixel_values.device)
-        return pixel_values.index_select(0, rows), grid_thw[torch.tensor(items)]
-
-    def join_items(self, parts) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([px for px, _ in parts]), torch.cat([grid for _, grid in parts])
-
-    def dummy_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One image of a single merge block (``spatial_merge_size ** 2`` patches) of zeros."""
-        vc = self.encoder.cfg
-        m = vc.spatial_merge_size
-        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-        weight = self.encoder.patch_embed.proj.weight
-        return torch.zeros(m * m, width, dtype=weight.dtype, device=weight.device), torch.tensor([[1, m, m]])

@@ -16,11 +16,12 @@ class PatchEmbed(torch.nn.Module):
     """
 
     def __init__(self, in_channels: int, temporal_patch_size: int, patch_size: int, hidden_size: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, bias: bool = False):
         super().__init__()
         kernel = (temporal_patch_size, patch_size, patch_size)
+        # Qwen2.5-VL's convolution has no bias, Qwen3-VL's has one (``patch_embed.proj.bias``)
         self.proj = torch.nn.Conv3d(in_channels, hidden_size, kernel_size=kernel, stride=kernel,
-                                    bias=False, dtype=dtype)
+                                    bias=bias, dtype=dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight.flatten(1)  # [hidden, C*T*P*P], the order of a patch row
@@ -29,4 +30,4 @@ class PatchEmbed(torch.nn.Module):
                 f"pixel_values rows have {pixel_values.shape[-1]} values; this encoder expects "
                 f"in_channels * temporal_patch_size * patch_size**2 = {weight.shape[1]}"
             )
-        return F.linear(pixel_values.to(weight.dtype), weight)
+        return F.linear(pixel_values.to(weight.dtype), weight, self.proj.bias)

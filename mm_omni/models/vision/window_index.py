@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from mm_omni.models.common.attention import LayerwisePackedSeqParams
+from mm_omni.models.common.indexing import repeat_counts
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -104,15 +105,15 @@ def vision_layout(grid_thw: torch.Tensor, spatial_merge_size: int, window_size: 
         raise ValueError(f"grid_thw heights and widths must be multiples of spatial_merge_size={m}; got {grid.tolist()}")
 
     # one row per frame (temporal patch): its merged-token grid and its window grid
-    frame_h = torch.repeat_interleave(grid[:, 1] // m, grid[:, 0])
-    frame_w = torch.repeat_interleave(grid[:, 2] // m, grid[:, 0])
+    frame_h = repeat_counts(grid[:, 1] // m, grid[:, 0])
+    frame_w = repeat_counts(grid[:, 2] // m, grid[:, 0])
     frame_tokens = frame_h * frame_w
     windows_w = _ceil_div(frame_w, side)
     frame_windows = _ceil_div(frame_h, side) * windows_w
 
     # one row per merged token, in the input order: its frame, row and column
     n_frames = frame_tokens.numel()
-    frame = torch.repeat_interleave(torch.arange(n_frames), frame_tokens)
+    frame = repeat_counts(torch.arange(n_frames), frame_tokens)
     local = torch.arange(frame.numel()) - _exclusive_cumsum(frame_tokens)[frame]
     width = frame_w[frame]
     row, col = local // width, local % width

@@ -1,0 +1,51 @@
+"""The experts of a mixture-of-experts layer, without TransformerEngine or the ``grouped_gemm`` package.
+
+megatron-core's grouped-GEMM experts need one of those two (``TEGroupedMLP``, ``GroupedMLP``); its
+``SequentialMLP`` needs neither: one megatron ``MLP`` per local expert (``local_experts.i.linear_fc1`` =
+``[gate; up]``, ``local_experts.i.linear_fc2``), run one after the other on that expert's tokens.
+:class:`GroupedExperts` keeps those parameters (so checkpoints, expert parallelism and the gradient
+reduction over the expert-data-parallel group are ``SequentialMLP``'s) and, on CUDA in bf16, computes
+all local experts in two ``torch.nn.functional.grouped_mm`` calls instead of two GEMMs per expert.
+Everywhere else (CPU, fp32, fp16, biases, fp8) it is ``SequentialMLP``'s loop: torch's CPU grouped GEMM
+has no reliable backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+
+def grouped_mm_available() -> bool:
+    return hasattr(F, "grouped_mm")
+
+
+class GroupedExperts(SequentialMLP):
+    """``SequentialMLP`` whose forward is two grouped GEMMs over the local experts where torch has them."""
+
+    def _grouped(self, hidden: torch.Tensor) -> bool:
+        cfg = self.config
+        expert = self.local_experts[0]
+        return (grouped_mm_available() and hidden.is_cuda and hidden.dtype == torch.bfloat16
+                and len(self.local_experts) > 1 and cfg.gated_linear_unit and not cfg.add_bias_linear
+                and not (cfg.fp8 or cfg.fp4) and not cfg.moe_apply_probs_on_input
+                and cfg.activation_func_clamp_value is None and cfg.glu_linear_offset == 0.0
+                and expert.linear_fc1.bias is None and expert.linear_fc2.bias is None)
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor):
+        hidden = permuted_local_hidden_states
+        if not self._grouped(hidden):
+            return super().forward(hidden, tokens_per_expert, permuted_probs)
+        # the tokens come sorted by local expert; offs[i] = end row of expert i. Stacking the weights is
+        # one copy of this rank's expert weights per forward (its backward hands each expert its slice)
+        offs = tokens_per_expert.to(device=hidden.device).cumsum(0).to(torch.int32)
+        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2 f, h]
+        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, h, f]
+        inter = F.grouped_mm(hidden, fc1.transpose(-2, -1), offs=offs)
+        gate, up = inter.chunk(2, dim=-1)
+        # as megatron's MLP: act(gate) * up, scaled by each token's routing probability before fc2
+        inter = (self.config.activation_func(gate) * up * permuted_probs.unsqueeze(-1)).to(hidden.dtype)
+        out = F.grouped_mm(inter, fc2.transpose(-2, -1), offs=offs)
+        return out, None
