@@ -28,7 +28,9 @@ then counts the FLOPs executed: the frozen base's forward and activation gradien
 
 ``--tiny``: tiny widths and a few small rows, for a smoke run on the CPU (``MM_OMNI_DEVICE=cpu``).
 
-Both run the same number of optimizer steps; the first ``--warmup`` steps are not timed. Prints tokens/s (real
+Both run the same number of optimizer steps; the first ``--warmup`` steps are not timed, and an untimed
+transformers run of ``--hf-warmup-steps`` steps comes before the measured ones (each of our runs is a process of
+its own whose untimed first step pays the device's start-up; the transformers runs share one process). Prints tokens/s (real
 tokens, padding not counted), MFU (model FLOPs of mm_omni.training.flops over the GPU's bf16 peak), peak GiB and
 the ratio.
 
@@ -93,6 +95,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, default=8192)
     p.add_argument("--image-max-pixels", type=int, default=1008 * 1008)
     p.add_argument("--only", choices=("both", "ours", "hf"), default="both")
+    p.add_argument("--hf-warmup-steps", type=int, default=2,
+                   help="optimizer steps of an untimed transformers run before the measured ones (0: none): the "
+                        "first run in a process pays the device's start-up (context, GEMM heuristics, allocator "
+                        "growth), which each of our runs pays in its own untimed first step")
     p.add_argument("--extra", default="", help="extra flags for mm_omni.train (e.g. '--encoder-cuda-graphs')")
     p.add_argument("--packing", choices=("micro_batch", "budget"), default="budget",
                    help="our packed runs: budget (the launchers' default) or micro_batch (the --ours-mbs sizes above 1, each micro-batch's rows "
@@ -294,12 +300,12 @@ def _repeat(batches, n: int):
             yield batch
 
 
-def run_transformers(args, cfg, dataset, mbs: int) -> dict:
+def run_transformers(args, cfg, dataset, mbs: int, steps: int, warmup: int) -> dict:
     gbs = args.global_batch_size
     lora = (dict(r=args.lora_r, alpha=args.lora_alpha, targets=args.lora_targets, adapter_dtype=args.hf_adapter_dtype)
             if args.lora else None)
-    batches = _repeat(loader(args, dataset, mbs), args.steps * gbs // mbs)
-    return run_hf(cfg, batches, args.steps, args.warmup, gbs, mbs, lora)
+    batches = _repeat(loader(args, dataset, mbs), steps * gbs // mbs)
+    return run_hf(cfg, batches, steps, warmup, gbs, mbs, lora)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,9 +339,13 @@ def main() -> None:
             if result is not None:
                 results.append(result)
     if args.only in ("both", "hf"):
+        if args.hf_warmup_steps:  # untimed (every step counts as warm-up)
+            run_transformers(args, cfg, dataset, int(args.hf_mbs.split(",")[0]), args.hf_warmup_steps,
+                             args.hf_warmup_steps)
+            release_cached_memory()
         for mbs in (int(m) for m in args.hf_mbs.split(",")):
             try:
-                results.append(run_transformers(args, cfg, dataset, mbs))
+                results.append(run_transformers(args, cfg, dataset, mbs, args.steps, args.warmup))
             except RuntimeError as err:  # out of memory at this micro-batch size
                 print(f"[transformers] micro-batch {mbs}: {str(err).splitlines()[0]}")
             release_cached_memory()

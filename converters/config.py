@@ -79,15 +79,10 @@ class ParallelConfig(_Strict):
     tp_size: PositiveInt = Field(1, description="tensor-parallel size of the text decoder (and default of the others)")
     vit_tp_size: Optional[NonNegativeInt] = Field(0, description="TP size of the vision encoder+projector; 0 = tp_size")
     audio_tp_size: Optional[NonNegativeInt] = Field(0, description="TP size of the audio encoder; 0 = tp_size")
-    ep_size: Optional[PositiveInt] = Field(1, description="expert parallel size; the registered families are "
-                                                          "dense: must be 1")
-
-    @field_validator("ep_size")
-    @classmethod
-    def _dense(cls, v):
-        if v not in (None, 1):
-            raise ValueError(f"ep_size={v}: no registered model family has experts; use 1")
-        return v
+    ep_size: Optional[PositiveInt] = Field(1, description="expert parallel size: each EP rank's files "
+                                                          "(mp_rank_TT_PPP_EEE) hold num_experts / ep_size experts "
+                                                          "of every MoE layer and a copy of the other tensors; must "
+                                                          "divide num_experts (1 for a model without experts)")
 
     def tp(self, modules) -> dict[str, int]:
         """Module name -> TP size, by each module's ``tp_option`` (0 = ``tp_size``)."""

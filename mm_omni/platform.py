@@ -207,6 +207,13 @@ class _CudaToCpu(TorchFunctionMode):
             return args[0]
         if name == "to":
             args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
+        if name == "all_to_all_single":
+            # megatron's all-to-all MoE dispatcher moves its split sizes to numpy only from a GPU; on the CPU
+            # they stay tensors, which the process group's binding refuses: give it lists
+            args = tuple(a.tolist() if i in (2, 3) and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+            for key in ("output_split_sizes", "input_split_sizes"):
+                if isinstance(kwargs.get(key), torch.Tensor):
+                    kwargs[key] = kwargs[key].tolist()
         if name == "type" and len(args) == 1 and not kwargs:
             # DistributedOptimizer accepts only 'torch.cuda.*Tensor' parameters.
             out = func(*args)

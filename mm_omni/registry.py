@@ -42,6 +42,9 @@ class ModelFamily:
     template_ref: str                          # a mm_omni.data.template.ChatTemplate instance
     converter_ref: str                         # the class ``mm-convert`` exposes (hf_to_mm / mm_to_hf / resplit)
     flops_ref: str                             # (model config, micro-batch) -> fwd+bwd FLOPs
+    # the model class the task builds (model config, pre_process=, post_process=, ...): OmniModel or a subclass
+    # with the family's encoder stacks
+    model_ref: str = "mm_omni.models.omni:OmniModel"
     # what the family supports and how each is tested, for ``python -m mm_omni.registry`` and the README table
     features: dict[str, str] = field(default_factory=dict)
 

@@ -75,8 +75,8 @@ def hf_to_mm(spec: ConverterSpec, cfg: HfToMmConfig) -> None:
         write_layout(tmp / RELEASE, layout, plan.mm_names(layout), fetch, plan.split_kind, cfg.dtype)
         plan.write_side_files(tmp, layout, (cfg.hf_config.hf_dir / "config.json").read_text())
         write_tracker(tmp, RELEASE)  # last: a checkpoint is complete once the tracker exists
-    log.info("hf_to_mm: %s -> %s (tp %s, pp %d, vpp %d) in %.1fs", cfg.hf_config.hf_dir, cfg.mm_dir,
-             layout.tp, layout.pp, layout.vpp, time.perf_counter() - start)
+    log.info("hf_to_mm: %s -> %s (tp %s, pp %d, vpp %d, ep %d) in %.1fs", cfg.hf_config.hf_dir, cfg.mm_dir,
+             layout.tp, layout.pp, layout.vpp, layout.ep, time.perf_counter() - start)
     if cfg.test_convert_precision:
         from converters.common.precision import check_precision
 
@@ -147,8 +147,8 @@ def resplit(spec: ConverterSpec, cfg: ResplitConfig) -> None:
         write_layout(tmp / RELEASE, layout, plan.mm_names(layout), fetch, plan.split_kind, cfg.dtype)
         plan.write_side_files(tmp, layout, config_json)
         write_tracker(tmp, RELEASE)
-    log.info("resplit: %s -> %s (tp %s, pp %d, vpp %d) in %.1fs", reader.tag_dir, cfg.target_dir,
-             layout.tp, layout.pp, layout.vpp, time.perf_counter() - start)
+    log.info("resplit: %s -> %s (tp %s, pp %d, vpp %d, ep %d) in %.1fs", reader.tag_dir, cfg.target_dir,
+             layout.tp, layout.pp, layout.vpp, layout.ep, time.perf_counter() - start)
 
 
 def converter_class(spec: ConverterSpec, doc: str) -> type:

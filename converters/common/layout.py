@@ -5,6 +5,10 @@ ordered chunk-major (all stages of chunk 0, then chunk 1, ...), which is Megatro
 pipeline order. Layers are renumbered from 0 on every stage; a module's "first" weights (embedding,
 patch embed, convs) live on its first stage with layers, its "last" weights (final norm, output
 layer, projector) on its last.
+
+Expert parallelism (``ep`` > 1) splits the experts of the modules with an ``expert_prefix`` into ``ep``
+contiguous blocks: EP rank r holds experts ``r*E/ep .. (r+1)*E/ep - 1`` renumbered from 0 (megatron's
+``local_experts``), and a copy of every other tensor of its stage.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ class Layout:
     counts: dict[str, list[list[int]]]
     tp: dict[str, int]
     specs: tuple[ModuleSpec, ...] = field(default_factory=tuple)
+    ep: int = 1
+    experts: dict[str, int] = field(default_factory=dict)  # module -> global expert count (modules with experts)
 
     @property
     def vpp(self) -> int:
@@ -86,7 +92,46 @@ class Layout:
         return f"{spec.layer_prefix}{layer + start}{local[len(spec.layer_prefix) + len(str(layer)):]}"
 
 
+    def ep_place(self, local: str) -> tuple[int | None, str]:
+        """A (stage-local) name -> (EP rank, EP-local name) for an expert's tensor; (None, name) for any other,
+        and for every tensor without expert parallelism (each rank file then holds all experts)."""
+        spec = self.spec_of(local)
+        found = _expert_number(spec, local) if self.ep > 1 else None
+        if found is None:
+            return None, local
+        start, end, expert = found
+        rank, index = divmod(expert, self.experts[spec.name] // self.ep)
+        return rank, f"{local[:start]}{index}{local[end:]}"
+
+
 _NUM = re.compile(r"(\d+)\.")
+
+
+def _expert_number(spec: ModuleSpec, name: str) -> tuple[int, int, int] | None:
+    """(start, end, number) of the expert number in ``name``; None for a tensor of no expert."""
+    if not spec.expert_prefix:
+        return None
+    m = re.match(re.escape(spec.layer_prefix) + r"\d+\." + re.escape(spec.expert_prefix) + r"(\d+)\.", name)
+    return None if m is None else (m.start(1), m.end(1), int(m.group(1)))
+
+
+def ep_globalize(spec: ModuleSpec, ep_rank: int, per_rank: int, local: str) -> str:
+    """Inverse of :meth:`Layout.ep_place`: EP rank ``ep_rank`` holds ``per_rank`` experts per layer."""
+    found = _expert_number(spec, local)
+    if found is None:
+        return local
+    start, end, index = found
+    return f"{local[:start]}{ep_rank * per_rank + index}{local[end:]}"
+
+
+def local_experts(spec: ModuleSpec, names) -> int:
+    """Experts per layer of ``spec``'s module that ``names`` (one rank file's) hold (0: none)."""
+    per_layer: dict[str, set[int]] = {}
+    for name in names:
+        found = _expert_number(spec, name)
+        if found is not None:
+            per_layer.setdefault(name[:found[0]], set()).add(found[2])
+    return max((len(s) for s in per_layer.values()), default=0)
 
 
 def _layer_number(spec: ModuleSpec, name: str) -> int | None:

@@ -24,8 +24,9 @@ MM_REMEDY = ("take the previous iter_* directory of the run (write its number in
              "or re-convert the checkpoint with mm-convert hf_to_mm")
 
 
-def save_rank(tag_dir: Path, tp: int, pp: int, pp_size: int, chunks: list[dict[str, Tensor]]) -> Path:
-    path = rank_file(tag_dir, tp, pp, pp_size)
+def save_rank(tag_dir: Path, tp: int, pp: int, pp_size: int, chunks: list[dict[str, Tensor]], ep: int = 0,
+              ep_size: int = 1) -> Path:
+    path = rank_file(tag_dir, tp, pp, pp_size, ep, ep_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {key: sd for key, sd in zip(chunk_keys(len(chunks)), chunks)}
     payload["checkpoint_version"] = CHECKPOINT_VERSION
@@ -47,18 +48,18 @@ def resolve_tag_dir(path: Path) -> Path:
     raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no {TRACKER}, no mp_rank_* directories)")
 
 
-def rank_files(tag_dir: Path) -> dict[tuple[int, int], Path]:
-    """{(tp, pp): file} of every rank; raises if the grid has holes."""
+def rank_files(tag_dir: Path) -> dict[tuple[int, int, int], Path]:
+    """{(tp, pp, ep): file} of every rank (ep 0 without expert parallelism); raises if the grid has holes."""
     found = {}
     for p in tag_dir.iterdir():
-        ranks = parse_rank_dir(p.name)
+        ranks = parse_rank_dir(p.name, with_ep=True)
         if ranks is not None and (p / MODEL_FILE).is_file():
             found[ranks] = p / MODEL_FILE
     if not found:
         raise FileNotFoundError(f"{tag_dir}: no mp_rank_*/{MODEL_FILE}")
-    tps = 1 + max(t for t, _ in found)
-    pps = 1 + max(p for _, p in found)
-    missing = [rank_dir_name(t, p, pps) for t in range(tps) for p in range(pps) if (t, p) not in found]
+    tps, pps, eps = (1 + max(r[i] for r in found) for i in range(3))
+    missing = [rank_dir_name(t, p, pps, e, eps) for t in range(tps) for p in range(pps) for e in range(eps)
+               if (t, p, e) not in found]
     if missing:
         raise FileNotFoundError(f"{tag_dir}: missing rank files {missing}")
     return found

@@ -5,6 +5,9 @@ stage from the layer numbers found, each tensor's TP from its shard shape agains
 (so hetero per-module TP needs no side information). Rank files are memory-mapped; the mappings
 are dropped when the stage changes and after every ``RELEASE_BYTES`` read, so the resident mapped
 pages stay bounded (a stage's files held open measured 4.2 GB peak RSS for mm_to_hf of a half-depth 7B).
+With expert parallelism (``mp_rank_TT_PPP_EEE``) each EP rank's experts are renumbered back to global
+numbers (EP rank r's local expert i is expert ``r * n + i`` for its n local experts per layer); the other
+tensors are read from EP rank 0 (every EP rank holds the same ones).
 
 LoRA: a checkpoint trained with adapters holds ``<linear>.lora_A.weight`` / ``lora_B.weight`` beside
 ``<linear>.weight``; a LoRA run's own saves hold only the adapters (and whatever else trained), read
@@ -25,7 +28,7 @@ from typing import Callable, Iterable
 
 from torch import Tensor
 
-from converters.common.layout import Layout, ModuleSpec
+from converters.common.layout import Layout, ModuleSpec, ep_globalize, local_experts
 from converters.common.mm_io import load_rank, rank_files, resolve_tag_dir, saved_args
 from mm_omni.checkpoint import tp as tp_ops
 from mm_omni.lora import merge as lora  # pure torch, no training stack
@@ -43,13 +46,12 @@ class MMReader:
         self.lora_tag_dir: Path | None = None
         self._files = {BASE: rank_files(self.tag_dir)}
         self.files = self._files[BASE]
-        self.tp_files = 1 + max(t for t, _ in self.files)
-        self.pp = 1 + max(p for _, p in self.files)
+        self.tp_files, self.pp, self.ep = (1 + max(k[i] for k in self.files) for i in range(3))
         self.specs, self.split_kind, self.full = tuple(specs), split_kind, full
         self._stage: int | None = None
         self._read_bytes = 0  # read from the open mappings since they were (re)opened
-        self._loaded: dict[tuple[int, int], list[dict[str, Tensor]]] = {}  # (source, tp) -> this stage's chunks
-        self._where: dict[str, tuple[int, int, int, str]] = {}  # global name -> (source, pp, vpp chunk, local)
+        self._loaded: dict[tuple[int, int, int], list[dict[str, Tensor]]] = {}  # (source, tp, ep) -> stage's chunks
+        self._where: dict[str, tuple[int, int, int, int, str]] = {}  # global name -> (source, pp, ep, chunk, local)
         self._tp: dict[str, int] = {}
         self._lora: dict[str, tuple[str, str]] = {}  # base weight (global) -> its lora_A, lora_B (global)
         self._lora_tp: dict[str, int] = {}
@@ -59,7 +61,7 @@ class MMReader:
         if lora_path is not None:
             self._add_adapters(Path(lora_path))
         if self._lora:
-            args_of = self._files[ADAPTERS if lora_path is not None else BASE][(0, 0)]
+            args_of = self._files[ADAPTERS if lora_path is not None else BASE][(0, 0, 0)]
             self.lora_args = saved_args(args_of)
             self.lora_scale = lora.scale_from_args(self.lora_args, lora_alpha, lora_r)
             if self.lora_scale is None:
@@ -67,14 +69,14 @@ class MMReader:
                                  "lora_r: pass --cfg.lora_alpha and --cfg.lora_r (the values used in training)")
             log.info("%d LoRA adapters (scale %g)", len(self._lora), self.lora_scale)
 
-    def _rank(self, tp: int, pp: int, source: int = BASE) -> list[dict[str, Tensor]]:
+    def _rank(self, tp: int, pp: int, source: int = BASE, ep: int = 0) -> list[dict[str, Tensor]]:
         if self._stage != pp or self._read_bytes > RELEASE_BYTES:
             # drop our references to the open mappings: each is unmapped (its resident pages released)
             # once the tensors handed out from it are freed too
             self._loaded, self._stage, self._read_bytes = {}, pp, 0
-        if (source, tp) not in self._loaded:
-            self._loaded[(source, tp)] = load_rank(self._files[source][(tp, pp)])
-        return self._loaded[(source, tp)]
+        if (source, tp, ep) not in self._loaded:
+            self._loaded[(source, tp, ep)] = load_rank(self._files[source][(tp, pp, ep)])
+        return self._loaded[(source, tp, ep)]
 
     def _discover(self, optional: set[str]) -> Layout:
         counts: dict[str, list[list[int]]] = {}
@@ -90,7 +92,7 @@ class MMReader:
                                      "pass the base checkpoint that run loaded (its --load) in its place and this "
                                      "directory as --cfg.lora_load_dir")
             elif len(chunks) != vpp:
-                raise ValueError(f"{self.files[(0, p)]}: {len(chunks)} virtual-pipeline chunks, stage 0 has {vpp}")
+                raise ValueError(f"{self.files[(0, p, 0)]}: {len(chunks)} virtual-pipeline chunks, stage 0 has {vpp}")
             for v, sd in enumerate(chunks):
                 names = [k for k in sd if not k.endswith("._extra_state")]
                 locals_[(p, v)] = names
@@ -98,16 +100,21 @@ class MMReader:
                     layers = {int(m.group(1)) for k in names
                               if (m := re.match(re.escape(spec.layer_prefix) + r"(\d+)\.", k))}
                     if layers and layers != set(range(len(layers))):
-                        raise ValueError(f"{self.files[(0, p)]} chunk {v}: {spec.name} layers {sorted(layers)} "
+                        raise ValueError(f"{self.files[(0, p, 0)]} chunk {v}: {spec.name} layers {sorted(layers)} "
                                          "are not numbered 0..n-1")
                     counts[spec.name][v][p] = len(layers)
-        layout = Layout(counts, {s.name: 1 for s in self.specs}, self.specs)
+        per_rank = {s.name: max((local_experts(s, names) for names in locals_.values()), default=0)
+                    for s in self.specs}
+        experts = {m: n * self.ep for m, n in per_rank.items() if n}
+        layout = Layout(counts, {s.name: 1 for s in self.specs}, self.specs, self.ep, experts)
         for (p, v), names in locals_.items():
-            for local in names:
-                name = layout.globalize(v * self.pp + p, local)
-                if name in self._where:
-                    raise ValueError(f"{name} is stored twice in {self.tag_dir}")
-                self._where[name] = (BASE, p, v, local)
+            for e in range(self.ep):
+                for local in self._ep_names(p, v, e, names, layout):
+                    spec = layout.spec_of(local)
+                    name = layout.globalize(v * self.pp + p, ep_globalize(spec, e, per_rank[spec.name], local))
+                    if name in self._where:
+                        raise ValueError(f"{name} is stored twice in {self.tag_dir}")
+                    self._where[name] = (BASE, p, e, v, local)
         self._pair_adapters(self.tag_dir)
         missing = sorted(set(self.full) - set(self._where))
         unknown = sorted(set(self._where) - set(self.full) - optional - {n for p in self._lora.values() for n in p})
@@ -121,6 +128,19 @@ class MMReader:
             layout.tp[module] = max(layout.tp[module], self._tp[name])
         return layout
 
+    def _ep_names(self, p: int, v: int, e: int, names: list[str], layout: Layout) -> list[str]:
+        """The tensors EP rank ``e`` contributes to chunk ``v`` of stage ``p``: all of EP rank 0's, only the
+        experts of any other (whose other tensors must be EP rank 0's, replicated)."""
+        if e == 0:
+            return names
+        mine = [k for k in self._rank(0, p, ep=e)[v] if not k.endswith("._extra_state")]
+        shared = sorted({k for k in mine if layout.ep_place(k)[0] is None}
+                        ^ {k for k in names if layout.ep_place(k)[0] is None})
+        if shared:
+            raise ValueError(f"{self.files[(0, p, e)]} chunk {v}: the tensors outside the experts differ from "
+                             f"EP rank 0's ({shared[:5]}); every EP rank holds the same ones")
+        return [k for k in mine if layout.ep_place(k)[0] is not None]
+
     def _add_adapters(self, path: Path) -> None:
         """A LoRA run's adapter-only save over this (base) checkpoint; its non-LoRA tensors replace the base's."""
         if self._lora:
@@ -128,7 +148,10 @@ class MMReader:
                              "too: give one of them")
         tag_dir = resolve_tag_dir(path)
         files = rank_files(tag_dir)
-        pp = 1 + max(p for _, p in files)
+        pp = 1 + max(k[1] for k in files)
+        if max(k[2] for k in files):
+            raise ValueError(f"lora_load_dir={path}: {tag_dir} was saved with expert parallelism; LoRA adapters "
+                             "are read from checkpoints without it: resplit the LoRA run's save to ep_size 1 first")
         if pp != self.pp:
             raise ValueError(f"lora_load_dir={path}: {pp} pipeline stages, the base {self.tag_dir} has {self.pp}: "
                              "give the base checkpoint that LoRA run loaded (its --load), in the same pipeline layout")
@@ -137,7 +160,7 @@ class MMReader:
         for p in range(pp):
             chunks = self._rank(0, p, ADAPTERS)
             if len(chunks) != self.layout.vpp:
-                raise ValueError(f"{files[(0, p)]}: {len(chunks)} virtual-pipeline chunks, the base has "
+                raise ValueError(f"{files[(0, p, 0)]}: {len(chunks)} virtual-pipeline chunks, the base has "
                                  f"{self.layout.vpp}")
             for v, sd in enumerate(chunks):
                 for local in (k for k in sd if not k.endswith("._extra_state")):
@@ -147,7 +170,7 @@ class MMReader:
                         continue
                     if name in self.full:
                         replaced.append(name)
-                    self._where[name] = (ADAPTERS, p, v, local)
+                    self._where[name] = (ADAPTERS, p, 0, v, local)
         if unknown:
             raise KeyError(f"lora_load_dir={path}: {tag_dir} holds tensors the model does not have: {unknown[:10]}")
         self._pair_adapters(tag_dir)
@@ -173,15 +196,15 @@ class MMReader:
         a_name, b_name = self._lora[base]
         a_kind, b_kind = lora.lora_split_kinds(self.split_kind(base))
         out, inp = self.full[base].shape
-        source, p, v, local = self._where[a_name if a_kind != "rep" else b_name]
-        shard = self._rank(0, p, source)[v][local]
+        source, p, e, v, local = self._where[a_name if a_kind != "rep" else b_name]
+        shard = self._rank(0, p, source, e)[v][local]
         if a_kind != "rep":
             return self._shard_count(a_name, tuple(shard.shape), (shard.shape[0], inp), a_kind, source, p)
         return self._shard_count(b_name, tuple(shard.shape), (out, shard.shape[1]), b_kind, source, p)
 
     def _tensor_tp(self, name: str) -> int:
-        source, p, v, local = self._where[name]
-        shard = self._rank(0, p, source)[v][local]
+        source, p, e, v, local = self._where[name]
+        shard = self._rank(0, p, source, e)[v][local]
         return self._shard_count(name, tuple(shard.shape), tuple(self.full[name].shape), self.split_kind(name),
                                  source, p)
 
@@ -189,11 +212,11 @@ class MMReader:
         dim = tp_ops.split_dim(kind)
         if dim is None or shard == full:
             return 1
-        tp_files = 1 + max(t for t, _ in self._files[source])
+        tp_files = 1 + max(k[0] for k in self._files[source])
         size = full[dim] // shard[dim] if shard[dim] else 0
         ok = size and full[dim] == size * shard[dim] and tp_files % size == 0
         if not ok or shard[:dim] + shard[dim + 1:] != full[:dim] + full[dim + 1:]:
-            raise ValueError(f"{name}: shard shape {shard} in {self._files[source][(0, p)]} does not split "
+            raise ValueError(f"{name}: shard shape {shard} in {self._files[source][(0, p, 0)]} does not split "
                              f"the model's {full} over a TP size dividing {tp_files}")
         return size
 
@@ -205,8 +228,8 @@ class MMReader:
         return list(self._lora)
 
     def _merged(self, name: str, kind: str, tp: int) -> Tensor:
-        source, p, v, local = self._where[name]
-        shards = [self._rank(t, p, source)[v][local] for t in range(tp)]
+        source, p, e, v, local = self._where[name]
+        shards = [self._rank(t, p, source, e)[v][local] for t in range(tp)]
         self._read_bytes += sum(t.numel() * t.element_size() for t in shards)
         return tp_ops.merge(shards, kind)
 

@@ -65,6 +65,9 @@ class Plan:
     def hf_to_mm(self, hf_state) -> dict[str, Tensor]:
         """HF tensors (either spelling, model prefix or not; other models' keys ignored) -> Megatron names."""
         canon = {self.names.canonical(k): v for k, v in hf_state.items() if self.names.is_model_key(k)}
+        # a transformers model's in-memory state may spell tensors differently from its checkpoint files
+        # (fused experts): the family's checkpoint_state gives the stored spelling the table maps
+        canon = self.spec.checkpoint_state(self.cfg, canon)
         return mapping.hf_to_mm(canon, self.rules, self.accounted)
 
     def mm_to_hf(self, mm_state, style: mapping.Style = "module", prefix: str = "") -> dict[str, Tensor]:
@@ -94,7 +97,7 @@ class Plan:
     def hf_meta_state(self) -> dict[str, Tensor]:
         """Canonical HF names -> meta tensors of the shapes transformers builds from the config."""
         state = _meta_state(self.spec, type(self.cfg), self.cfg.to_json_string(use_diff=False))
-        return {self.names.canonical(k): v for k, v in state.items()}
+        return self.spec.checkpoint_state(self.cfg, {self.names.canonical(k): v for k, v in state.items()})
 
     def mm_meta_state(self) -> dict[str, Tensor]:
         """Every full (TP1) Megatron tensor as a meta tensor: the shapes a checkpoint must merge back to."""
@@ -118,6 +121,16 @@ class Plan:
                               "(smaller module TP sizes are replicated cyclically over the largest)")
         return errors
 
+    def ep_errors(self, ep: int) -> list[str]:
+        """Why expert parallelism of size ``ep`` cannot split this model's experts, as 'option=value' lines."""
+        experts = self.spec.experts(self.cfg)
+        if ep == 1:
+            return []
+        if not experts:
+            return [f"ep_size={ep}: {self.spec.title} has no experts; use 1"]
+        return [f"ep_size={ep} does not divide {module} num_experts={n}: use a divisor of {n}"
+                for module, n in experts.items() if n % ep]
+
     def make_layout(self, pc: ParallelConfig) -> Layout:
         """The layout ``pc`` asks for, after checking it against the model; all problems in one error."""
         modules, layers = self.spec.modules, self.layers()
@@ -137,8 +150,10 @@ class Plan:
                 errors.append(f"{module.pp_option}={chunks} sums to {total} but the {module.name} model has "
                               f"{layers[module.name]} layers")
         tp = pc.tp(modules)
+        ep = pc.ep_size or 1
+        errors += self.ep_errors(ep)
         if not errors:
-            layout = Layout(counts, tp, modules)
+            layout = Layout(counts, tp, modules, ep, self.spec.experts(self.cfg))
             first = next((i for i, n in enumerate(layout.flat(decoder.name)) if n), 0)
             for module in modules:
                 if module.name != decoder.name and layers[module.name] and layout.last_stage(module.name) > first:
@@ -160,6 +175,8 @@ class Plan:
                     for m in found.counts if found.counts[m] != want[m]]
         problems += [f"{self.spec.module(m).tp_option}: checkpoint {found.tp[m]}, {option} {tp[m]}"
                      for m in found.tp if found.tp[m] != tp[m]]
+        if found.ep != (given.ep_size or 1):
+            problems.append(f"ep_size: checkpoint {found.ep}, {option} {given.ep_size or 1}")
         if problems:
             raise ValueError(f"{where} has a different layout than --cfg.{option} says (omit it to use the "
                              "checkpoint's):\n  " + "\n  ".join(problems))

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))  # tests.fixtures: the tiny processor and media writers
+sys.path.insert(0, str(HERE.parent))  # examples/demo_tools.py
+
+from demo_tools import Timer, free_port, log, read_safetensors, run  # noqa: E402
 
 # A thinker small enough to train in seconds on a CPU; special token ids = the tiny processor's.
 TEXT = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -67,35 +69,6 @@ ROWS = [
 LAYOUT = dict(llm="[[1,2]]", vit="[[4,0]]", audio="[[3,0]]", tp="2")  # TP=2 x PP=2 = 4 processes
 TRAINED = ("thinker.model.", "thinker.lm_head.", "thinker.audio_tower.")  # vision is frozen (model_7b.json style)
 UNCHANGED = ("thinker.visual.", "talker.", "token2wav.")
-
-
-def log(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
-
-
-class Timer:
-    def __init__(self):
-        self.steps: list[tuple[str, float]] = []
-
-    def __call__(self, name: str, fn, *args, **kw):
-        t0 = time.perf_counter()
-        out = fn(*args, **kw)
-        self.steps.append((name, time.perf_counter() - t0))
-        log(f"{name}: {self.steps[-1][1]:.1f}s")
-        return out
-
-
-def run(cmd: list[str], log_file: Path) -> str:
-    """Run a command, tee its output to ``log_file``; fail with the log's tail."""
-    env = dict(os.environ, MM_OMNI_DEVICE=os.environ.get("MM_OMNI_DEVICE", "cpu"), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    log("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    log_file.write_text(proc.stdout)
-    if proc.returncode:
-        raise SystemExit(f"[demo] failed ({proc.returncode}): {' '.join(cmd[:4])} ...; log {log_file}:\n"
-                         + proc.stdout[-6000:])
-    return proc.stdout
 
 
 # -- 1. model, processor, data ------------------------------------------------------------------
@@ -165,7 +138,7 @@ def hf_to_mm(hf_dir: Path, mm_dir: Path, logs: Path) -> Path:
 def train(model_json: Path, data_json: Path, mm_dir: Path, save: Path, nproc: int, iters: int, lr: float,
           logs: Path) -> list[float]:
     out = run([str(BIN / "torchrun"), f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-               f"--master-port={_free_port()}", "-m", "mm_omni.train",
+               f"--master-port={free_port()}", "-m", "mm_omni.train",
                "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                # global batch = micro-batch 2 x 2 micro-batches x DP (nproc / 4)
                "--micro-batch-size", "2", "--global-batch-size", str(2 * 2 * (nproc // 4)),
@@ -184,14 +157,6 @@ def train(model_json: Path, data_json: Path, mm_dir: Path, save: Path, nproc: in
 def mm_to_hf(save: Path, hf_dir: Path, out: Path, logs: Path) -> None:
     run([str(BIN / "mm-convert"), "Qwen2_5_OmniConverter", "mm_to_hf", "--cfg.save_hf_dir", str(out),
          "--cfg.mm_dir", str(save), "--cfg.hf_config.hf_dir", str(hf_dir)], logs / "mm_to_hf.log")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- 5. check the result with transformers --------------------------------------------------------
@@ -219,21 +184,12 @@ def hf_loss(model, data_json: Path) -> float:
     return total / count
 
 
-def _safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def check(hf_dir: Path, out_dir: Path, data_json: Path) -> dict:
     import transformers
     from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
 
     transformers.logging.set_verbosity_error()
-    sa, sb = _safetensors(out_dir), _safetensors(hf_dir)  # checkpoint names (transformers renames in memory)
+    sa, sb = read_safetensors(out_dir), read_safetensors(hf_dir)  # checkpoint names (transformers renames in memory)
     if set(sa) != set(sb):
         raise SystemExit(f"[demo] exported keys differ: {sorted(set(sa) ^ set(sb))[:8]}")
     changed = {k for k in sa if not torch.equal(sa[k], sb[k])}

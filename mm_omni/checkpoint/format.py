@@ -1,9 +1,11 @@
 """The Megatron checkpoint layout (what Megatron, MindSpeed-MM's converter, training and mm-convert use)::
 
     <root>/latest_checkpointed_iteration.txt        "100" or "release" (the tracker: written last)
-    <root>/{release | iter_0000100}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+    <root>/{release | iter_0000100}/mp_rank_{tp:02d}[_{pp:03d}[_{ep:03d}]]/model_optim_rng.pt
 
-``_{pp:03d}`` is there only when pipeline parallelism splits the model. ``model_optim_rng.pt`` holds
+``_{pp:03d}`` is there when pipeline parallelism splits the model, and with expert parallelism (EP > 1),
+which adds ``_{ep:03d}``: each EP rank's file holds its share of the experts and a copy of every other
+tensor (the three fields always, so ``mp_rank_00_001`` is never ambiguous). ``model_optim_rng.pt`` holds
 ``{"model": state_dict, "checkpoint_version": 3.0, ...}``, with virtual pipeline ``model0``, ``model1``...
 
 Writes are atomic: files are fsynced, a directory is built under a temporary sibling and renamed into
@@ -29,7 +31,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 RELEASE = "release"
 CHECKPOINT_VERSION = 3.0
-RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3})(?:_(\d{3}))?)?$")
 
 
 # -- names ---------------------------------------------------------------------------------------------
@@ -47,18 +49,25 @@ def tag_dir_of(tag: str) -> str:
     return RELEASE if tag == RELEASE else tag_dir_name(int(tag))
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """``mp_rank_TT``, ``mp_rank_TT_PPP`` (PP > 1) or ``mp_rank_TT_PPP_EEE`` (EP > 1, whatever the PP size)."""
+    if ep_size > 1:
+        return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}_{ep_rank:03d}"
     return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-def parse_rank_dir(name: str) -> Optional[tuple[int, int]]:
-    """``mp_rank_01_002`` -> (1, 2); ``mp_rank_01`` -> (1, 0); anything else -> None."""
+def parse_rank_dir(name: str, with_ep: bool = False) -> Optional[tuple[int, ...]]:
+    """``mp_rank_01_002`` -> (1, 2); ``mp_rank_01`` -> (1, 0); anything else -> None. ``with_ep``: a third
+    number, the EP rank (0 for a name without one): ``mp_rank_01_002_003`` -> (1, 2, 3)."""
     m = RANK_DIR.match(name)
-    return None if m is None else (int(m.group(1)), int(m.group(2) or 0))
+    if m is None:
+        return None
+    ranks = (int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0))
+    return ranks if with_ep else ranks[:2]
 
 
-def rank_file(tag_dir: Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    return Path(tag_dir) / rank_dir_name(tp_rank, pp_rank, pp_size) / MODEL_FILE
+def rank_file(tag_dir: Path, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> Path:
+    return Path(tag_dir) / rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size) / MODEL_FILE
 
 
 def chunk_keys(vpp: int) -> list[str]:

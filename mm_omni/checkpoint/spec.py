@@ -31,6 +31,9 @@ convert state dicts in memory through the same table with ``converters.common.co
                         sinusoidal tables): skipped on the way in, copied from the original on the way out.
                         ``{layer}`` / ``{expert}`` match any number.
     ``tie``             :class:`Tie`, or None for a model that never ties its output layer.
+    ``checkpoint_state``  (sub-config, ``hf_model``'s meta ``state_dict()`` in canonical names) -> the names
+                        and shapes its checkpoint files hold, for a model whose loading fuses stored tensors
+                        (one tensor per expert -> one ``gate_up_proj``); default: the same.
     ``precision``       :class:`Precision` (``--cfg.test_convert_precision``), or None (then the option
                         is refused).
 
@@ -46,6 +49,9 @@ convert state dicts in memory through the same table with ``converters.common.co
                         number of layers the pipeline splits.
     ``tp_divides``      sub-config -> ``{"what": size}``: every size its TP must divide ("num_heads": 16).
     ``attention``       sub-config -> :class:`~mm_omni.checkpoint.mapping.Attention` (the module's qkv ops).
+    ``expert_prefix``   in a layer's tensor names, what comes before the expert number
+                        ("mlp.experts.local_experts."): the module's experts are split over
+                        ``--cfg.parallel_config.ep_size`` ranks (``counts`` then gives ``"expert"``).
     ``config_section``  dotted model.json section that gets ``tp`` / ``pp`` ("image_encoder").
     ``layers_section``  dotted section that gets ``pipeline_num_layers`` (default: ``config_section``).
 """
@@ -69,6 +75,10 @@ def _accepts(cfg) -> None:
     return None
 
 
+def _as_stored(cfg, state: dict) -> dict:
+    return state
+
+
 @dataclass(frozen=True)
 class ModuleSpec:
     name: str
@@ -83,6 +93,7 @@ class ModuleSpec:
     attention: Optional[Callable[[Any], Attention]] = None
     config_section: str = ""
     layers_section: str = ""
+    expert_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,7 @@ class ConverterSpec:
     derived: tuple[str, ...] = ()
     tie: Optional[Tie] = None
     precision: Optional[Precision] = None
+    checkpoint_state: Callable[[Any, dict], dict] = _as_stored
 
     # -- derived views (no state) -------------------------------------------------------------------
     def rules(self, cfg) -> list[Rule]:
@@ -137,6 +149,10 @@ class ConverterSpec:
     def layers(self, cfg) -> dict[str, int]:
         """Layers per module (what ``*_pp_layers`` must sum to)."""
         return {m.name: int(m.counts(cfg)["layer"]) if m.counts else 0 for m in self.modules}
+
+    def experts(self, cfg) -> dict[str, int]:
+        """Experts per module that has them (what ``ep_size`` must divide)."""
+        return {m.name: int(m.counts(cfg)["expert"]) for m in self.modules if m.expert_prefix}
 
     def module(self, name: str) -> ModuleSpec:
         return next(m for m in self.modules if m.name == name)

@@ -77,6 +77,10 @@ def build_parser() -> ArgumentParser:
     add("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     add("--virtual-pipeline-model-parallel-size", type=int, default=None)
     add("--context-parallel-size", type=int, default=1)
+    add("--expert-model-parallel-size", type=int, default=1,
+        help="ranks the text decoder's experts are split over (model.json text_decoder.num_moe_experts)")
+    add("--expert-tensor-parallel-size", type=int, default=None,
+        help="tensor-parallel size inside each expert (default: --tensor-model-parallel-size, megatron's rule)")
     add("--context-parallel-algo", choices=list(CP_ALGOS), default="megatron_cp_algo",
         help="MindSpeed-MM's context-parallel algorithm names; all run the all-gather CP (see CP_ALGOS)")
     flag("--sequence-parallel")
@@ -239,6 +243,7 @@ def validate_args(args: argparse.Namespace, world_size: int, model_cfg=None) -> 
         logger.info("--sequence-parallel with tensor-model-parallel-size 1: nothing to split, turned off")
         args.sequence_parallel = False
     _validate_vpp(args, pp)
+    _validate_experts(args, world_size, model_cfg)
     if args.lr is None:
         _fail("--lr", None, "give a learning rate, e.g. --lr 1e-5")
     if args.min_lr > args.lr:
@@ -271,6 +276,47 @@ def validate_args(args: argparse.Namespace, world_size: int, model_cfg=None) -> 
             _fail("--encoder-cuda-graphs", True, f"CUDA graphs need a CUDA GPU and this run is on "
                   f"{platform.get_platform().name}; drop the flag")
     return args
+
+
+def _validate_experts(args: argparse.Namespace, world_size: int, model_cfg) -> None:
+    """Expert parallelism: megatron's expert grid (ETP x EP x PP) over the same ranks as the dense one, so
+    EP x ETP must divide the ranks of a pipeline stage; EP must divide the model's experts."""
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if ep < 1:
+        _fail("--expert-model-parallel-size", ep, "must be >= 1")
+    if etp is not None and etp < 1:
+        _fail("--expert-tensor-parallel-size", etp, "must be >= 1 (or leave it out: it defaults to "
+              "--tensor-model-parallel-size)")
+    if etp is not None and etp != tp:
+        _fail("--expert-tensor-parallel-size", etp, f"only the tensor-parallel size ({tp}) is supported: checkpoints "
+              "name each rank directory by its TP and EP rank, which does not identify experts split otherwise; "
+              "drop the flag")
+    etp = tp
+    stage = world_size // pp  # DP x CP x TP ranks per pipeline stage
+    if stage % (ep * etp):
+        _fail("--expert-model-parallel-size", ep,
+              f"EP x expert-tensor-parallel size = {ep}x{etp} must divide the {stage} ranks of a pipeline stage "
+              f"(data-parallel {args.data_parallel_size} x context-parallel {args.context_parallel_size} x "
+              f"tensor-parallel {tp}); change it or the number of processes")
+    text = getattr(model_cfg, "text_decoder", None)
+    experts = getattr(text, "num_moe_experts", None)
+    if text is not None and experts is None and ep > 1:
+        _fail("--expert-model-parallel-size", ep, "the model has no experts (model.json text_decoder.num_moe_experts "
+              "is unset): drop the flag, or train a mixture-of-experts model")
+    if experts is not None and experts % ep:
+        _fail("--expert-model-parallel-size", ep, f"must divide text_decoder.num_moe_experts={experts} (each EP rank "
+              f"holds num_moe_experts / EP experts): use one of {[d for d in range(1, experts + 1) if experts % d == 0]}")
+    dispatcher = getattr(text, "moe_token_dispatcher_type", None)
+    if experts is not None and ep > args.context_parallel_size and dispatcher == "allgather":
+        _fail("--expert-model-parallel-size", ep, "text_decoder.moe_token_dispatcher_type='allgather' gathers equal "
+              "token counts from every EP rank, and here EP spans data-parallel ranks whose micro-batches differ in "
+              "length: set moe_token_dispatcher_type to 'alltoall' in model.json (the same math)")
+    if experts is not None and tp > 1 and not args.sequence_parallel:
+        _fail("--sequence-parallel", False, f"text_decoder.num_moe_experts={experts} at --tensor-model-parallel-size "
+              f"{tp}: megatron's token dispatcher needs sequence parallelism; add --sequence-parallel")
+    if ep > 1 and args.hetero_parallel:
+        _fail("--expert-model-parallel-size", ep, "with --hetero-parallel is not supported: use EP 1 there")
 
 
 def _validate_lora(args: argparse.Namespace) -> None:

@@ -1,8 +1,9 @@
 """Collation: pad rows into ``[b, s]`` or pack them into one ``[1, s]`` sequence with ``cu_seqlens``.
 
 Token keys: ``input_ids``, ``labels`` (-100 = ignored, not shifted), ``attention_mask``, ``position_ids``
-``[3, b, s]`` and, when packing, ``cu_seqlens`` (int32, one entry per sequence + 1: the rows, then the
-bucket padding's sequence if there is one; see :class:`OmniCollator`). Every other key of a row is what the
+``[3, b, s]`` (int64, or the rows' float dtype where a template gives fractional positions) and, when
+packing, ``cu_seqlens`` (int32, one entry per sequence + 1: the rows, then the bucket padding's sequence if
+there is one; see :class:`OmniCollator`). Every other key of a row is what the
 row encoder put there for the model, collated by one rule per kind of value, not by name:
 
 - a tensor (media: pixels, grids, mel features and their masks, ...) is concatenated along its first
@@ -56,6 +57,7 @@ class OmniCollator:
         return batch
 
     def _pad(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pos_dtype = _position_dtype(rows)
         longest = max(len(r["input_ids"]) for r in rows)
         m = self.pad_to_multiple_of
         s = -(-longest // m) * m
@@ -63,7 +65,7 @@ class OmniCollator:
         input_ids = torch.full((b, s), self.pad_token_id, dtype=torch.long)
         labels = torch.full((b, s), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((b, s), dtype=torch.long)
-        position_ids = torch.full((3, b, s), PAD_POSITION, dtype=torch.long)
+        position_ids = torch.full((3, b, s), PAD_POSITION, dtype=pos_dtype)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             input_ids[i, :n] = r["input_ids"]
@@ -73,6 +75,7 @@ class OmniCollator:
         return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids)
 
     def _pack(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pos_dtype = _position_dtype(rows)
         ids, labels, mask, pos, lengths = [], [], [], [], []
         for r in rows:
             n = len(r["input_ids"])
@@ -80,7 +83,7 @@ class OmniCollator:
             # The model shifts labels by one; a row's first label would be predicted from the previous
             # row's last token. Unpacked, labels[0] is never a target either, so this changes nothing.
             lab[0] = IGNORE_INDEX
-            self._append(ids, labels, mask, pos, r["input_ids"].long(), lab, r["position_ids"].long(),
+            self._append(ids, labels, mask, pos, r["input_ids"].long(), lab, r["position_ids"].to(pos_dtype),
                          -n % self.segment_multiple)
             lengths.append(n + -n % self.segment_multiple)
         total = sum(lengths)
@@ -91,7 +94,7 @@ class OmniCollator:
                                  f"{self.bucket_lengths[-1]}: the sampler's packs exceed its budget")
             if bucket > total:  # the padding: a sequence of its own
                 empty = torch.zeros(0, dtype=torch.long)
-                self._append(ids, labels, mask, pos, empty, empty, torch.zeros(3, 0, dtype=torch.long), bucket - total)
+                self._append(ids, labels, mask, pos, empty, empty, torch.zeros(3, 0, dtype=pos_dtype), bucket - total)
                 lengths.append(bucket - total)
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
@@ -109,7 +112,13 @@ class OmniCollator:
         ids += [row_ids, torch.full((pad,), self.pad_token_id, dtype=torch.long)]
         labels += [row_labels, torch.full((pad,), IGNORE_INDEX, dtype=torch.long)]
         mask += [torch.ones(len(row_ids), dtype=torch.long), torch.zeros(pad, dtype=torch.long)]
-        pos += [row_pos, torch.full((3, pad), PAD_POSITION, dtype=torch.long)]
+        pos += [row_pos, torch.full((3, pad), PAD_POSITION, dtype=row_pos.dtype)]
+
+
+def _position_dtype(rows: list[dict[str, Any]]) -> torch.dtype:
+    """int64, or the rows' float dtype when their positions are fractional (never rounded to integers)."""
+    floats = [r["position_ids"].dtype for r in rows if r["position_ids"].is_floating_point()]
+    return floats[0] if floats else torch.long
 
 
 def _row_values(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -104,9 +104,7 @@ class RowEncoder:
             paths = ", ".join(conv.images + conv.videos + conv.audios)
             raise BadSampleError(conv.dataset, conv.index, f"processor rejected the row: {exc}", paths) from None
         ids = out["input_ids"].numpy()
-        roles = [r for r, _ in conv.messages]
-        if roles[0] != "system":
-            roles.insert(0, "system")
+        roles = [r for r, _ in self.template.turns(conv, self.bp.default_system)]
         labels = build_labels(ids, roles, self.tokens, self.assistant_header,
                               self.bp.train_on_prompt, self.bp.mask_history)
         mel_lens = out["feature_attention_mask"].sum(-1) if "feature_attention_mask" in out else None

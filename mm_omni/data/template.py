@@ -11,7 +11,8 @@ format of the Qwen families::
 
 (identical to those models' chat templates, so the processor tokenises it the same way); the
 processor then expands each placeholder to its exact token count. The system prompt defaults to
-MindSpeed-MM's "You are a helpful assistant.".
+MindSpeed-MM's "You are a helpful assistant." (a template's ``default_system``; a template whose chat
+template adds no system turn sets it to None).
 
 Labels: each assistant turn's content and its closing ``<|im_end|>``. The ``\n`` after
 ``<|im_end|>`` stays in ``input_ids`` (the chat template has it) but is not a target: generation
@@ -54,6 +55,8 @@ class ChatTemplate:
 
     name: str = ""
     media: tuple[str, ...] = ()  # the media kinds ("image", "video", "audio") its rows may hold
+    # the system turn of a row that has none (and no basic_parameters.default_system); None: no system turn
+    default_system: Optional[str] = DEFAULT_SYSTEM
 
     def load_processor(self, model_name_or_path: str):
         """The family's transformers processor, from a local directory (nothing is downloaded)."""
@@ -78,12 +81,18 @@ class ChatTemplate:
         """3D M-RoPE positions ``[3, s]`` of one processed row (``out``: the processor's tensors)."""
         raise NotImplementedError
 
+    def turns(self, conv: Conversation, default_system: str | None = None) -> list[tuple[str, str]]:
+        """The ``(role, content)`` turns :meth:`render` writes: the row's, after the default system turn if any."""
+        messages = list(conv.messages)
+        system = default_system or self.default_system
+        if messages[0][0] != "system" and system:
+            messages.insert(0, ("system", system))
+        return messages
+
     def render(self, conv: Conversation, tokens: SpecialTokens, default_system: str | None = None) -> str:
         s = tokens.strings
         blocks = {MEDIA_TAGS[kind]: text for kind, text in self.media_blocks(tokens).items()}
-        messages = list(conv.messages)
-        if messages[0][0] != "system":
-            messages.insert(0, ("system", default_system or DEFAULT_SYSTEM))
+        messages = self.turns(conv, default_system)
         parts = []
         for role, content in messages:
             content = _TAG_RE.sub(lambda m: blocks.get(m.group(0), m.group(0)), content)

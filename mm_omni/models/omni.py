@@ -78,29 +78,38 @@ class OmniModel(MegatronModule):
         self.encoder_runner = None
         self.image_encoder = self.audio_encoder = None
         if "image_encoder" in build and cfg.image_encoder is not None:
-            from mm_omni.models.vision import VisionEncoder
-
             block = cfg.image_encoder
             # the projector's output is what lands in the decoder's embeddings; vision_encoder.llm_hidden_size is
             # descriptive only (MindSpeed-MM's Qwen2.5-VL model_3b.json states 1280 for a 2048-wide decoder)
             if block.vision_projector.hidden_size != cfg.text_decoder.hidden_size:
                 raise ValueError(f"image_encoder.vision_projector.hidden_size={block.vision_projector.hidden_size} "
                                  f"must equal text_decoder.hidden_size={cfg.text_decoder.hidden_size}")
-            self.image_encoder = VisionEncoder(block.vision_encoder, block.vision_projector,
-                                               pg_collection=enc_pgs.get("image_encoder") or pg_collection)
-            _freeze(self.image_encoder.encoder, block.vision_encoder.freeze)
-            _freeze(self.image_encoder.projector, block.vision_projector.freeze)
+            self.image_encoder = self.build_image_encoder(block, enc_pgs.get("image_encoder") or pg_collection)
         if "audio_encoder" in build and cfg.audio_encoder is not None:
-            from mm_omni.models.audio import AudioEncoder
-
             audio_cfg = cfg.audio_encoder.audio_encoder
             if audio_cfg.output_dim != cfg.text_decoder.hidden_size:
                 raise ValueError(f"audio_encoder.audio_encoder.output_dim={audio_cfg.output_dim} must equal "
                                  f"text_decoder.hidden_size={cfg.text_decoder.hidden_size}")
-            self.audio_encoder = AudioEncoder(audio_cfg, pg_collection=enc_pgs.get("audio_encoder") or pg_collection)
-            _freeze(self.audio_encoder, audio_cfg.freeze)
+            self.audio_encoder = self.build_audio_encoder(cfg.audio_encoder, enc_pgs.get("audio_encoder") or pg_collection)
         self.text_decoder = text_decoder
         _freeze(self.text_decoder, cfg.text_decoder.freeze)
+
+    # -- the encoder stacks: a family with other stacks overrides these ----------------------------------
+    def build_image_encoder(self, block, pg_collection) -> torch.nn.Module:
+        """The ``image_encoder`` of model.json's block, frozen as its stacks say."""
+        from mm_omni.models.vision import VisionEncoder
+
+        encoder = VisionEncoder(block.vision_encoder, block.vision_projector, pg_collection=pg_collection)
+        _freeze(encoder.encoder, block.vision_encoder.freeze)
+        _freeze(encoder.projector, block.vision_projector.freeze)
+        return encoder
+
+    def build_audio_encoder(self, block, pg_collection) -> torch.nn.Module:
+        from mm_omni.models.audio import AudioEncoder
+
+        encoder = AudioEncoder(block.audio_encoder, pg_collection=pg_collection)
+        _freeze(encoder, block.audio_encoder.freeze)
+        return encoder
 
     def set_input_tensor(self, input_tensor) -> None:
         self.text_decoder.set_input_tensor(input_tensor)
@@ -176,13 +185,16 @@ class OmniModel(MegatronModule):
             features = {token: feats for token, feats in ((self.cfg.image_token_id, image_feats),
                                                           (self.cfg.video_token_id, video_feats),
                                                           (self.cfg.audio_token_id, audio_feats)) if token is not None}
-            decoder_input = scatter_features(decoder_input, input_ids, features)
+            decoder_input, layer_additions = merge_features(decoder_input, input_ids, features)
             for dummy in (vision_dummy, audio_dummy):
                 if dummy is not None:
                     decoder_input = decoder_input + 0.0 * dummy.sum().to(decoder_input.dtype)
+        else:
+            layer_additions = None
         return self.text_decoder(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, labels=labels,
             decoder_input=decoder_input, cu_seqlens=cu_seqlens, return_logits=return_logits, layout=layout,
+            layer_additions=layer_additions,
         )
 
     # -- encoders ---------------------------------------------------------------------------
@@ -234,6 +246,28 @@ def audio_inputs(input_features, feature_attention_mask):
     else:
         lens = feature_attention_mask.sum(-1)
     return input_features, lens
+
+
+def merge_features(embeds: torch.Tensor, input_ids: torch.Tensor,
+                   features: dict[int, Optional[torch.Tensor]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(embeds with the features scattered in, layer additions or None)``.
+
+    An encoder may return features wider than the decoder's hidden size h, ``[n, h + k * h]``: the first h
+    columns replace the placeholder embeddings, the other k blocks are scattered at the same positions into
+    zeros ``[s, b, k * h]``, the decoder's ``layer_additions`` (block i is added after decoder layer i:
+    Qwen3-VL's deepstack features). Features of width h add nothing. Several encoders with additions must
+    agree on k."""
+    h = embeds.shape[-1]
+    widths = {f.shape[-1] for f in features.values() if f is not None and f.shape[-1] != h}
+    if len(widths) > 1:
+        raise ValueError(f"encoder features of widths {sorted(widths)} for a decoder of hidden size {h}: the "
+                         "encoders' layer additions must have the same number of blocks")
+    merged = scatter_features(embeds, input_ids, {t: None if f is None else f[:, :h] for t, f in features.items()})
+    if not widths:
+        return merged, None
+    extra = {t: f[:, h:] for t, f in features.items() if f is not None and f.shape[-1] != h}
+    zeros = embeds.new_zeros(embeds.shape[0], embeds.shape[1], widths.pop() - h)
+    return merged, scatter_features(zeros, input_ids, extra)
 
 
 def scatter_features(embeds: torch.Tensor, input_ids: torch.Tensor,

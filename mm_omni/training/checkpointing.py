@@ -3,8 +3,17 @@
 Layout (what Megatron and MindSpeed-MM's converter use)::
 
     <dir>/latest_checkpointed_iteration.txt        "100" or "release"
-    <dir>/iter_0000100/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
+    <dir>/iter_0000100/mp_rank_{tp:02d}[_{pp:03d}[_{ep:03d}]]/model_optim_rng.pt
                                                   [distrib_optim.pt with --use-distributed-optimizer]
+
+With expert parallelism (EP > 1) every rank directory names its EP rank (``mp_rank_00_000_001``): each
+holds that EP rank's experts, numbered locally (``local_experts.0`` .. ``num_moe_experts / EP - 1``, as
+megatron's ``SequentialMLP`` names them), and a copy of every other tensor. One rank writes each
+directory: the first of the ranks that hold the same tensors (expert-data-parallel rank 0, which with
+EP 1 is data x context-parallel rank 0). With ``--use-distributed-optimizer`` its ``distrib_optim.pt``
+holds the state of each of megatron's optimizers (dense, experts) that this rank gathers (the first rank
+of that optimizer's data-parallel group; ``None`` for the others), and a resume hands each back to
+the rank that scatters it again.
 
 ``model_optim_rng.pt`` = ``{"model": sd}`` (``"model0"``, ``"model1"``... with virtual pipeline
 chunks), ``"optimizer"``, ``"opt_param_scheduler"``, ``"rng_state"`` (one entry per data-parallel
@@ -30,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -53,7 +61,16 @@ logger = logging.getLogger(__name__)
 def _my_rank_dir() -> str:
     return rank_dir_name(parallel_state.get_tensor_model_parallel_rank(),
                          parallel_state.get_pipeline_model_parallel_rank(),
-                         parallel_state.get_pipeline_model_parallel_world_size())
+                         parallel_state.get_pipeline_model_parallel_world_size(),
+                         ep_rank=parallel_state.get_expert_model_parallel_rank(),
+                         ep_size=parallel_state.get_expert_model_parallel_world_size())
+
+
+def _writes_rank_dir() -> bool:
+    """Whether this rank writes (and reads the optimizer state of) its rank directory: the first of the ranks
+    holding the same tensors. Those are the expert-data-parallel group (EP 1: the data x context-parallel
+    group, the same ranks), whose first rank also gathers the dense distributed-optimizer state."""
+    return parallel_state.get_expert_data_parallel_rank() == 0
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -69,10 +86,9 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
     torch.distributed.barrier()
 
     rng = _gather_rng_states() if not args.no_save_rng else None
-    dp_rank = parallel_state.get_data_parallel_rank()
     distributed_opt = args.use_distributed_optimizer and not args.no_save_optim
     param_state = _dist_param_state(optimizer) if distributed_opt else None
-    if dp_rank == 0:
+    if _writes_rank_dir():
         state = {"iteration": iteration, "consumed_train_samples": consumed_samples,
                  "checkpoint_version": CHECKPOINT_VERSION, "args": _plain_args(args)}
         lora_only = bool(getattr(args, "lora_target_modules", None))
@@ -118,7 +134,8 @@ def _dist_optimizers(optimizer) -> list:
 
 
 def _dist_param_state(optimizer) -> Optional[dict]:
-    """The distributed optimizer's sharded state gathered on DP rank 0 (a collective over DP).
+    """The distributed optimizers' sharded state, each gathered on the first rank of its data-parallel group
+    (a collective over those groups; ``None`` in the list where this rank is not that first rank).
 
     megatron's DP-zero format holds param / exp_avg / exp_avg_sq but not torch Adam's per-param
     ``step`` (TransformerEngine's Adam keeps it in the param group); it is the same for every
@@ -126,7 +143,7 @@ def _dist_param_state(optimizer) -> Optional[dict]:
     """
     opts = _dist_optimizers(optimizer)
     states = [o.get_parameter_state_dp_zero() for o in opts]
-    if not states or parallel_state.get_data_parallel_rank() != 0:
+    if not states or not _writes_rank_dir():
         return None
     return {"buckets": states, "steps": [_adam_step(o) for o in opts]}
 
@@ -141,7 +158,7 @@ def _adam_step(opt):
 @torch.no_grad()  # megatron copies into views of the (grad-requiring) fp32 params
 def _load_dist_param_state(optimizer, path: Path) -> None:
     saved = None
-    if parallel_state.get_data_parallel_rank() == 0:
+    if _writes_rank_dir():  # the ranks that gather an optimizer's state write (and read) it
         saved = load_torch_file(path, RESUME_REMEDY)
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     steps = [saved["steps"] if saved is not None else None]
@@ -258,9 +275,10 @@ def _rank_file(root: Path, flag: str, args: argparse.Namespace,
                          f"{RESUME_REMEDY}")
     path = iteration_dir(root, None if release else int(tag)) / _my_rank_dir() / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{flag} {root}: {path} is missing (does the checkpoint's TP/PP layout match "
+        raise FileNotFoundError(f"{flag} {root}: {path} is missing (does the checkpoint's TP/PP/EP layout match "
                                 f"--tensor-model-parallel-size {args.tensor_model_parallel_size} / "
-                                f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}?)")
+                                f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} / "
+                                f"--expert-model-parallel-size {getattr(args, 'expert_model_parallel_size', 1)}?)")
     return path, release
 
 

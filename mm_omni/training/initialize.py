@@ -37,9 +37,26 @@ def initialize_distributed(args: argparse.Namespace) -> None:
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=args.vpp_size,
             context_parallel_size=args.context_parallel_size,
+            expert_model_parallel_size=getattr(args, "expert_model_parallel_size", 1),
+            expert_tensor_parallel_size=getattr(args, "expert_tensor_parallel_size", None),
             distributed_timeout_minutes=args.distributed_timeout_minutes,
         )
     set_seed(args.seed)
+    compile_shapes_dynamic()
+
+
+def compile_shapes_dynamic() -> None:
+    """Compile megatron's fused elementwise functions (``bias_swiglu``, ``swiglu``, ``bias_dropout_add``:
+    ``torch.compile`` through ``megatron.core.jit.jit_fuser``) for symbolic shapes from their first call.
+
+    dynamo's default specialises a compiled function on the first shapes it sees and recompiles on the
+    next (then as dynamic, then again on a stride change): on mixed data every new packed length and each
+    encoder width costs a compilation on the step that meets it, measured on one H200 as a 2.2 s step
+    among 0.4 s ones (24 recompiles in 6 steps). Dynamic from the start, each function compiles once per
+    width class. The setting is process-wide; nothing else here uses torch.compile."""
+    import torch._dynamo
+
+    torch._dynamo.config.assume_static_by_default = False
 
 
 def set_seed(seed: int) -> None:

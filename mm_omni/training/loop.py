@@ -17,6 +17,7 @@ from mm_omni.training import checkpointing
 from mm_omni.training.forward_step import ForwardStep, describe_loss_mode, loss_mode
 from mm_omni.training.metrics import TensorBoard, iteration_line, resolve_peak_tflops, summary_line
 from mm_omni.training.model_setup import build_model, unwrap
+from mm_omni.training.moe_metrics import NAME as LOAD_BALANCING, has_experts, start_tracker, step_load_balancing_loss
 from mm_omni.training.optimizer import build_optimizer, build_scheduler
 from mm_omni.training.profiling import StepProfiler
 from mm_omni.training.task import TrainTask
@@ -30,6 +31,7 @@ class TrainResult:
     consumed_samples: int = 0
     losses: dict = field(default_factory=dict)  # iteration -> lm loss (on the last pipeline stage)
     grad_norms: dict = field(default_factory=dict)
+    load_balancing_losses: dict = field(default_factory=dict)  # iteration -> MoE load-balancing loss (MoE models)
     iteration_ms: dict = field(default_factory=dict)  # iteration -> wall ms (benchmarks)
     iteration_tokens: dict = field(default_factory=dict)  # iteration -> tokens over all DP ranks
 
@@ -43,11 +45,11 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
     mode = loss_mode(args)
     if torch.distributed.get_rank() == 0:
         logger.info("%s", describe_loss_mode(mode))
-        logger.info("parallel: TP %d%s, PP %d%s, CP %d, DP %d; global batch %d = micro-batch %d x %d micro-batches "
+        logger.info("parallel: TP %d%s, PP %d%s, CP %d, EP %d, DP %d; global batch %d = micro-batch %d x %d micro-batches "
                     "x DP",
                     args.tensor_model_parallel_size, " (+ sequence parallel)" if args.sequence_parallel else "",
                     args.pipeline_model_parallel_size, f" (VPP {args.vpp_size})" if args.vpp_size else "",
-                    args.context_parallel_size, args.data_parallel_size,
+                    args.context_parallel_size, args.expert_model_parallel_size, args.data_parallel_size,
                     args.global_batch_size, args.micro_batch_size, args.num_microbatches)
     chunks = build_model(args, task)
     optimizer = build_optimizer(args, chunks)
@@ -61,6 +63,9 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
         logger.info("--eval-interval/--eval-iters accepted: %s has no validation data, no evaluation runs", task.name)
     tb = TensorBoard(args.tensorboard_dir, enabled=_is_logging_rank())
     step = ForwardStep(task, mode)
+    model_config = unwrap(chunks[0]).config
+    if has_experts(model_config):
+        start_tracker(model_config)
     iters = _data_iterators(task, chunks, result.consumed_samples)
     forward_backward = get_forward_backward_func()
     seq_length = task.seq_length or args.seq_length or 1
@@ -87,6 +92,7 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
         result.consumed_samples += args.global_batch_size
         profiler.after_iteration(result.iteration)
         reduced = _reduce_losses(losses)
+        balance = step_load_balancing_loss(model_config, args.num_microbatches)  # a collective on every rank
         tokens, flops = _global_counts(step.tokens, step.flops)  # a collective read: the step has finished
         total_tokens += tokens
         total_flops += flops
@@ -95,6 +101,9 @@ def train(args: argparse.Namespace, task: TrainTask) -> TrainResult:
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             result.losses[result.iteration] = reduced.get("lm loss")
             result.grad_norms[result.iteration] = grad_norm
+            if balance is not None:
+                reduced[LOAD_BALANCING] = balance  # logged next to the lm loss
+                result.load_balancing_losses[result.iteration] = balance
         if result.iteration % args.log_interval == 0:
             last_log = _log(args, result, reduced, grad_norm, optimizer, last_log, total_tokens, total_flops,
                             peak, tb)
@@ -193,7 +202,8 @@ def _log(args, result, reduced, grad_norm, optimizer, last_log, total_tokens, to
         logger.info("%s", iteration_line(result.iteration, args.train_iters, result.consumed_samples,
                                          elapsed * 1000, lr, args.global_batch_size, reduced, gn,
                                          tps if args.log_tps else None, scale, tflops_per_device=tflops, mfu=mfu))
-        tb.add(result.iteration, {"lm loss": reduced.get("lm loss"), "learning-rate": lr, "grad-norm": gn,
+        tb.add(result.iteration, {"lm loss": reduced.get("lm loss"), LOAD_BALANCING: reduced.get(LOAD_BALANCING),
+                                  "learning-rate": lr, "grad-norm": gn,
                                   "tokens-per-sec-per-device": tps, "loss-scale": scale, "mfu": mfu})
     return now, result.iteration, total_tokens, total_flops
 

@@ -96,9 +96,10 @@ def _configure(config, args: argparse.Namespace, dtype: torch.dtype, variable_le
 def _log_params(chunks) -> None:
     total = sum(p.numel() for c in chunks for p in c.parameters())
     trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
-    logger.info("rank %d (tp %d, pp %d): %d parameters, %d trainable, %d frozen",
+    logger.info("rank %d (tp %d, pp %d, ep %d): %d parameters, %d trainable, %d frozen",
                 torch.distributed.get_rank(), parallel_state.get_tensor_model_parallel_rank(),
-                parallel_state.get_pipeline_model_parallel_rank(), total, trainable, total - trainable)
+                parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank(),
+                total, trainable, total - trainable)
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -68,7 +68,10 @@ def pipeline_overrides(cfg: OmniModelConfig, pp: int, vpp: Optional[int]) -> dic
     return over
 
 
-def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) -> TrainTask:
+def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig], model_class=None,
+              batch_flops=None) -> TrainTask:
+    """The task of a model built like :class:`~mm_omni.models.omni.OmniModel` (``model_class``: a family's
+    subclass with its own encoder stacks, ``batch_flops`` its FLOP count; defaults: OmniModel's)."""
     if model_cfg is None or not args.mm_data:
         raise ArgumentsError("--mm-model and --mm-data are required: the model.json and data.json to train on")
     from mm_omni.config.data import load_data_config, packing_budget
@@ -79,13 +82,18 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
     from mm_omni.parallel.decoder_layout import decoder_layout, split_multiple
     from mm_omni.parallel.hetero import hetero_encoders
 
+    model_class = model_class or OmniModel
+    batch_flops = batch_flops or omni_batch_flops
+
     data_cfg = load_data_config(args.mm_data)
     packing_budget(data_cfg, args.seq_length)  # budget packing without --seq-length fails here, before any model
     overrides = dict(pipeline_overrides(model_cfg, args.pipeline_model_parallel_size, args.vpp_size),
                      tensor_model_parallel_size=args.tensor_model_parallel_size,
                      sequence_parallel=args.sequence_parallel, pipeline_dtype=params_dtype(args),
                      calculate_per_token_loss=args.calculate_per_token_loss,
-                     context_parallel_size=args.context_parallel_size)
+                     context_parallel_size=args.context_parallel_size,
+                     expert_model_parallel_size=args.expert_model_parallel_size,
+                     expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     dataset: list = []
     multiple = split_multiple(args.context_parallel_size, args.tensor_model_parallel_size, args.sequence_parallel)
     hetero = hetero_encoders(args, model_cfg)  # None without --hetero-parallel
@@ -93,9 +101,9 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
 
     def provider(pre_process, post_process, vp_stage):
         if hetero is not None:  # which encoders this chunk holds, on which groups, and how their calls run
-            return hetero.build_model(OmniModel, model_cfg, pre_process, post_process, vp_stage,
+            return hetero.build_model(model_class, model_cfg, pre_process, post_process, vp_stage,
                                       text_config_overrides=overrides)
-        return OmniModel(model_cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+        return model_class(model_cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
                          text_config_overrides=overrides)
 
     def data_iterator(consumed: int):
@@ -114,13 +122,13 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig]) ->
         # tensors to the accelerator (a no-op on the CPU); the model's host keys stay on the host, where
         # the encoders' index bookkeeping and the decoder's padding check run without a device sync
         device = get_platform().device
-        inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in OmniModel.HOST_KEYS
-                  else v for k, v in batch.items() if k in OmniModel.INPUT_KEYS}
+        inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in model_class.HOST_KEYS
+                  else v for k, v in batch.items() if k in model_class.INPUT_KEYS}
         return model(**inputs, layout=decoder_layout(unwrap(model).text_decoder))
 
     return TrainTask(name=getattr(args, "model_family", "qwen2_5_omni"), model_provider=provider, forward=forward, data_iterator=data_iterator,
                      seq_length=None, model_config=model_cfg,
-                     count_flops=functools.partial(omni_batch_flops, model_cfg),
+                     count_flops=functools.partial(batch_flops, model_cfg),
                      after_grad_sync=hetero.reduce_grads if hetero is not None else None,
                      after_load=hetero.after_load if hetero is not None else None,
                      before_schedule=hetero.before_schedule if ahead else None,

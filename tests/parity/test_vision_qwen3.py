@@ -90,7 +90,7 @@ def run_hf(hf, pixels, grid, probes):
 
 def run_mm(model, pixels, grid, probes):
     pixels = pixels.clone().requires_grad_(True)
-    merged, deepstack = model(pixels, grid)
+    merged, deepstack = model.features(pixels, grid)
     _loss(merged, deepstack, probes).backward()
     return (merged.detach(), [d.detach() for d in deepstack], pixels.grad,
             {k: p.grad for k, p in model.named_parameters()})
@@ -167,9 +167,9 @@ def test_items_round_trip(parity_run):
     parts = [model.take_items(pixels, grid, [2, 0]), model.take_items(pixels, grid, [1])]
     joined_px, joined_grid = model.join_items(parts)
     with torch.no_grad():
-        full, _ = model(pixels, grid)
-        joined, _ = model(joined_px, joined_grid)
-        dummy, dummy_deep = model(*model.dummy_inputs())
+        full, _ = model.features(pixels, grid)
+        joined, _ = model.features(joined_px, joined_grid)
+        dummy, dummy_deep = model.features(*model.dummy_inputs())
     starts = [0, 6, 26, 38]  # merged tokens per item: 6, 20, 12
     reordered = torch.cat([full[starts[2]:starts[3]], full[starts[0]:starts[1]], full[starts[1]:starts[2]]])
     assert torch.equal(joined, reordered)
@@ -241,7 +241,7 @@ def test_mlp_activation_is_honoured(act):
     pixels, grid, _ = make_inputs(cfg, grid_thw=[[1, 4, 6], [2, 4, 4]])
     with torch.no_grad():
         ref = hf(pixels, grid_thw=grid)
-        merged, deepstack = model(pixels, grid)
+        merged, deepstack = model.features(pixels, grid)
     assert rel_err(merged, ref.pooler_output) < TOL
     assert max(rel_err(d, r) for d, r in zip(deepstack, ref.deepstack_features)) < TOL
 

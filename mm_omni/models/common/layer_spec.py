@@ -87,11 +87,28 @@ def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
     return [bool(f) for f in freq]
 
 
+class AdditionLayer(TransformerLayer):
+    """megatron's ``TransformerLayer`` that adds block ``i`` of its ``context`` ([s, b, k * h]) to its output,
+    ``i`` = its global 0-based index, when ``i < k``; without a context it is the plain layer.
+
+    The decoder layers have no cross-attention (megatron's ``IdentityOp``), so ``context`` is otherwise
+    unused: it reaches every layer, is an input of the activation-recompute checkpoints and comes back
+    out of each layer unchanged, which makes it the carrier of per-layer additions (deepstack features)."""
+
+    def forward(self, *args, **kwargs):
+        output, context = super().forward(*args, **kwargs)
+        index = self.layer_number - 1
+        if context is not None and index < context.shape[-1] // output.shape[-1]:
+            h = output.shape[-1]
+            output = output + context[..., index * h:(index + 1) * h].to(output.dtype)
+        return output, context
+
+
 def transformer_layer_spec(attn_mask_type: AttnMaskType, qk_layernorm: bool = False, moe: bool = False) -> ModuleSpec:
     """Pre-norm transformer layer; ``causal`` for the decoder, ``no_mask`` for the encoders. ``qk_layernorm``:
     a norm over each query and key head; ``moe``: a mixture of experts instead of the dense MLP."""
     return ModuleSpec(
-        module=TransformerLayer,
+        module=AdditionLayer if attn_mask_type == AttnMaskType.causal else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
             self_attention=ModuleSpec(

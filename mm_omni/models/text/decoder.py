@@ -133,10 +133,22 @@ class TextDecoder(LanguageModule):
             self.setup_embeddings_and_output_layer()
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Pipeline stages after the first get their input from the previous stage (megatron's schedule)."""
+        """Pipeline stages after the first get their input from the previous stage (megatron's schedule).
+
+        A tensor wider than the hidden size carries the layer additions still to come (see :meth:`forward`)
+        after the hidden states: they are split off here, as views, so their gradient flows back too."""
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]
+        self.carried_additions = None
+        h = self.config.hidden_size
+        if input_tensor is not None and input_tensor.shape[-1] > h:
+            input_tensor, self.carried_additions = input_tensor[..., :h], input_tensor[..., h:]
         self.decoder.set_input_tensor(input_tensor)
+
+    def layer_range(self) -> range:
+        """The global (0-based) indexes of this stage's decoder layers."""
+        layers = self.decoder.layers
+        return range(layers[0].layer_number - 1, layers[-1].layer_number) if len(layers) else range(0)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Word embeddings ``[s, b, h]`` (megatron layout) of ``input_ids`` [b, s]; first stage only.
@@ -163,6 +175,7 @@ class TextDecoder(LanguageModule):
         cu_seqlens: Optional[torch.Tensor] = None,
         return_logits: bool = False,
         layout: Optional[Callable[..., TokenLayout]] = None,
+        layer_additions: Optional[torch.Tensor] = None,
     ) -> DecoderOutput:
         """Run the decoder.
 
@@ -173,6 +186,13 @@ class TextDecoder(LanguageModule):
         ``attention_mask`` is ignored. ``layout``: ``(s, b, device, cu_seqlens, attention_mask) ->``
         :class:`TokenLayout` of this forward's tokens (default: all of them on this rank; required
         under sequence or context parallelism).
+
+        ``layer_additions`` ([s, b, k * h], full length like ``decoder_input``; first stage): block ``i`` is
+        added to the output of decoder layer ``i`` for ``i < k`` (Qwen3-VL's deepstack features, zero away
+        from the visual tokens). It is split over ranks like the hidden states and travels into the layers
+        as their ``context`` (an input of megatron's activation recompute, so a recomputed layer adds the
+        same tensor); a pipeline stage whose layers end before layer ``k - 1`` sends it on after its hidden
+        states, ``[s, b, h + k * h]``, and the next stage splits it off again (:meth:`set_input_tensor`).
         """
         if self.pre_process:
             hidden = decoder_input if decoder_input is not None else self.embed(input_ids)
@@ -195,13 +215,19 @@ class TextDecoder(LanguageModule):
         tokens = layout(s, b, device, cu_seqlens, attention_mask)
         if hidden is not None:
             hidden = tokens.input(hidden)  # after the media scatter (omni model)
+            additions = None if layer_additions is None else tokens.input(layer_additions)
+        else:
+            additions = getattr(self, "carried_additions", None)
         mask, packed_seq_params = tokens.attention()
         position_ids = tokens.positions(position_ids)
         rope = interleaved_mrope_freqs if self.cfg.mrope_interleaved else mrope_freqs
         freqs = rope(position_ids.to(device), self.cfg.head_dim, self.cfg.mrope_section, self.cfg.rope_theta)
 
-        hidden = self.decoder(hidden, attention_mask=mask, rotary_pos_emb=freqs, packed_seq_params=packed_seq_params)
+        hidden = self.decoder(hidden, attention_mask=mask, context=additions, rotary_pos_emb=freqs,
+                              packed_seq_params=packed_seq_params)
         if not self.post_process:
+            if additions is not None and additions.shape[-1] // hidden.shape[-1] > self.layer_range().stop:
+                hidden = torch.cat([hidden, additions.to(hidden.dtype)], dim=-1)  # still needed by a later stage
             return DecoderOutput(hidden_states=hidden)
 
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None

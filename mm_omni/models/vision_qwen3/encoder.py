@@ -88,10 +88,14 @@ class Qwen3VisionTransformer(MegatronModule):
 class Qwen3VisionEncoder(PatchItems, MegatronModule):
     """``image_encoder``: pixel patches + ``grid_thw`` -> LLM-width tokens and the deepstack features.
 
-    ``forward(pixel_values [n_patches, C*T*P*P], grid_thw [n_media, 3])`` returns ``(merged, deepstack)``:
+    ``features(pixel_values [n_patches, C*T*P*P], grid_thw [n_media, 3])`` returns ``(merged, deepstack)``:
     ``merged`` ``[n_patches / m^2, llm_hidden]`` (transformers' ``pooler_output``) and ``deepstack`` a list
     of as many tensors of that shape, one per ``deepstack_visual_indexes`` layer in layer order, each
-    through the merger of its entry (transformers' ``deepstack_features``). Keep ``grid_thw`` on the CPU.
+    through the merger of its entry (transformers' ``deepstack_features``). ``forward`` returns them side
+    by side, ``[n, llm_hidden * (1 + k)]``: one tensor, which the shared encoder code (item splits, dummy
+    forwards, hetero gathers) handles as any encoder's output, and which the omni model reads as the
+    features plus the decoder's layer additions (:func:`mm_omni.models.omni.merge_features`). Keep
+    ``grid_thw`` on the CPU.
     """
 
     def __init__(self, encoder_cfg: Qwen3VisionEncoderConfig, projector_cfg: VisionProjectorConfig,
@@ -112,8 +116,12 @@ class Qwen3VisionEncoder(PatchItems, MegatronModule):
         indexes = list(encoder_cfg.deepstack_visual_indexes)
         self.deepstack_order = [(layer, indexes.index(layer)) for layer in sorted(indexes)]
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         hidden, tapped = self.encoder(pixel_values, grid_thw)
         deepstack = [self.deepstack_projectors[k](tapped[layer]) for layer, k in self.deepstack_order]
         return self.projector(hidden), deepstack
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        merged, deepstack = self.features(pixel_values, grid_thw)
+        return torch.cat([merged, *deepstack], dim=-1) if deepstack else merged
