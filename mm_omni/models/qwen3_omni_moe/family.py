@@ -23,11 +23,15 @@ FAMILY = ModelFamily(
     flops_ref="mm_omni.models.qwen3_omni_moe.flops:qwen3_omni_batch_flops",
     model_ref="mm_omni.models.qwen3_omni_moe.model:Qwen3OmniModel",
     features={
-        "parity with transformers": "vision (deepstack), audio (AuT), MoE text stacks and the whole thinker, fp32 "
-                                    "outputs and gradients (CPU tests)",
-        "parallel": "EP, TP+SP, PP (deepstack additions cross stages): torchrun on CPU/gloo",
-        "fine-tuning": "full, frozen modules",
-        "converter": "hf_to_mm / mm_to_hf / resplit; talker, code predictor and code2wav kept",
+        "parity with transformers": "vision (deepstack), audio (AuT), MoE text stacks and the whole thinker: logits and "
+                                    "every gradient incl. the load-balancing loss, padded and packed rows (CPU tests); "
+                                    "float M-RoPE positions incl. audio in video",
+        "parallel": "EP2 training = 1 process (losses, grad norms, load-balancing loss; resume), PP2 with the deepstack "
+                    "additions crossing stages and TP2+SP = 1 process, PP2 x EP2 demo: torchrun on CPU/gloo; CP, VPP "
+                    "and hetero not run for this family",
+        "fine-tuning": "full, frozen encoders; LoRA on attention (not on experts)",
+        "converter": "hf_to_mm / mm_to_hf / resplit, bit-exact round trip incl. EP layouts; talker, code predictor "
+                     "and code2wav kept; the export loads as Qwen3OmniMoeForConditionalGeneration",
         "NPU": "code path present (torch_npu + mindspeed), untested",
     },
 )
