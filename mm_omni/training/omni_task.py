@@ -70,8 +70,9 @@ def pipeline_overrides(cfg: OmniModelConfig, pp: int, vpp: Optional[int]) -> dic
 
 def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig], model_class=None,
               batch_flops=None) -> TrainTask:
-    """The task of a model built like :class:`~mm_omni.models.omni.OmniModel` (``model_class``: a family's
-    subclass with its own encoder stacks, ``batch_flops`` its FLOP count; defaults: OmniModel's)."""
+    """The task of a model built like :class:`~mm_omni.models.omni.OmniModel`: ``model_class`` and
+    ``batch_flops`` default to the registry entry of ``args.model_family`` (its ``model_ref`` / ``flops_ref``: a
+    family's subclass with its own encoder stacks), else OmniModel's."""
     if model_cfg is None or not args.mm_data:
         raise ArgumentsError("--mm-model and --mm-data are required: the model.json and data.json to train on")
     from mm_omni.config.data import load_data_config, packing_budget
@@ -82,6 +83,12 @@ def omni_task(args: argparse.Namespace, model_cfg: Optional[OmniModelConfig], mo
     from mm_omni.parallel.decoder_layout import decoder_layout, split_multiple
     from mm_omni.parallel.hetero import hetero_encoders
 
+    family_name = getattr(args, "model_family", None)
+    if family_name is not None:
+        from mm_omni.registry import by_name
+
+        family = by_name(family_name)
+        model_class, batch_flops = model_class or family.load("model"), batch_flops or family.load("flops")
     model_class = model_class or OmniModel
     batch_flops = batch_flops or omni_batch_flops
 
