@@ -115,6 +115,11 @@ def _expert_number(spec: ModuleSpec, name: str) -> tuple[int, int, int] | None:
     return None if m is None else (m.start(1), m.end(1), int(m.group(1)))
 
 
+def is_expert(spec: ModuleSpec, name: str) -> bool:
+    """Whether ``name`` (a layer-numbered tensor name of ``spec``'s module) is one expert's."""
+    return _expert_number(spec, name) is not None
+
+
 def ep_globalize(spec: ModuleSpec, ep_rank: int, per_rank: int, local: str) -> str:
     """Inverse of :meth:`Layout.ep_place`: EP rank ``ep_rank`` holds ``per_rank`` experts per layer."""
     found = _expert_number(spec, local)

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 from torch import Tensor
 
-from converters.common.layout import Layout, ModuleSpec, ep_globalize, local_experts
+from converters.common.layout import Layout, ModuleSpec, ep_globalize, is_expert, local_experts
 from converters.common.mm_io import load_rank, rank_files, resolve_tag_dir, saved_args
 from mm_omni.checkpoint import tp as tp_ops
 from mm_omni.lora import merge as lora  # pure torch, no training stack
@@ -148,10 +148,7 @@ class MMReader:
                              "too: give one of them")
         tag_dir = resolve_tag_dir(path)
         files = rank_files(tag_dir)
-        pp = 1 + max(k[1] for k in files)
-        if max(k[2] for k in files):
-            raise ValueError(f"lora_load_dir={path}: {tag_dir} was saved with expert parallelism; LoRA adapters "
-                             "are read from checkpoints without it: resplit the LoRA run's save to ep_size 1 first")
+        pp, ep = 1 + max(k[1] for k in files), 1 + max(k[2] for k in files)
         if pp != self.pp:
             raise ValueError(f"lora_load_dir={path}: {pp} pipeline stages, the base {self.tag_dir} has {self.pp}: "
                              "give the base checkpoint that LoRA run loaded (its --load), in the same pipeline layout")
@@ -162,15 +159,20 @@ class MMReader:
             if len(chunks) != self.layout.vpp:
                 raise ValueError(f"{files[(0, p, 0)]}: {len(chunks)} virtual-pipeline chunks, the base has "
                                  f"{self.layout.vpp}")
-            for v, sd in enumerate(chunks):
-                for local in (k for k in sd if not k.endswith("._extra_state")):
-                    name = self.layout.globalize(v * self.pp + p, local)
-                    if not lora.is_lora_key(name) and name not in self.full:
-                        unknown.append(name)
-                        continue
-                    if name in self.full:
-                        replaced.append(name)
-                    self._where[name] = (ADAPTERS, p, 0, v, local)
+            for e in range(ep):  # expert parallel: EP rank e's experts (of every EP rank: the same other tensors)
+                for v, sd in enumerate(self._rank(0, p, ADAPTERS, e)):
+                    for local in (k for k in sd if not k.endswith("._extra_state")):
+                        spec = self.layout.spec_of(local)
+                        if e and not is_expert(spec, local):
+                            continue
+                        per_rank = self.layout.experts.get(spec.name, 0) // ep
+                        name = self.layout.globalize(v * self.pp + p, ep_globalize(spec, e, per_rank, local))
+                        if not lora.is_lora_key(name) and name not in self.full:
+                            unknown.append(name)
+                            continue
+                        if name in self.full:
+                            replaced.append(name)
+                        self._where[name] = (ADAPTERS, p, e, v, local)
         if unknown:
             raise KeyError(f"lora_load_dir={path}: {tag_dir} holds tensors the model does not have: {unknown[:10]}")
         self._pair_adapters(tag_dir)

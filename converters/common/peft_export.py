@@ -22,8 +22,11 @@ PREFIX = "base_model.model."  # what a PeftModel puts before the wrapped model's
 
 
 def write_peft_adapter(dst: Path, adapters: Mapping[str, tuple[Tensor, Tensor]], r: int, alpha: float,
-                       dropout: float, base_model: str) -> None:
-    """``adapters``: module name (as the model's ``named_modules``) -> ``(A [r, in], B [out, r])``."""
+                       dropout: float, base_model: str,
+                       parameters: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> None:
+    """``adapters``: module name (as the model's ``named_modules``) -> ``(A [r, in], B [out, r])``;
+    ``parameters``: name of a 3D parameter ``[E, out, in]`` (fused experts, peft's ``target_parameters``) ->
+    ``(A [E r, in], B [out, r E])``, in the order of the parameters in their module."""
     tensors = {}
     for module, (a, b) in adapters.items():
         if a.shape[0] != r or b.shape[1] != r:
@@ -31,11 +34,27 @@ def write_peft_adapter(dst: Path, adapters: Mapping[str, tuple[Tensor, Tensor]],
         # own copies: one A may serve several modules (fused QKV), and safetensors refuses shared storage
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().contiguous().clone()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().contiguous().clone()
+    parameters = dict(parameters or {})
+    per_module: dict[str, list[str]] = {}
+    for name in parameters:
+        per_module.setdefault(name.rpartition(".")[0], []).append(name)
+    for module, names in per_module.items():
+        # peft wraps the module once per targeted parameter, in the config's order: the first wrapper is the
+        # innermost, reached through the later ones' ``base_layer``
+        for i, name in enumerate(names):
+            a, b = parameters[name]
+            if a.shape[0] % r or b.shape[1] != a.shape[0]:
+                raise ValueError(f"{name}: LoRA A {tuple(a.shape)} / B {tuple(b.shape)} are not rank {r} per expert")
+            stem = f"{PREFIX}{module}{'.base_layer' * (len(names) - 1 - i)}"
+            tensors[f"{stem}.lora_A.weight"] = a.detach().contiguous().clone()
+            tensors[f"{stem}.lora_B.weight"] = b.detach().contiguous().clone()
     save_file(tensors, Path(dst) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": dropout,
-        "target_modules": sorted(adapters), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "target_modules": sorted(adapters) or None, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
         "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
     }
+    if parameters:  # only then: a peft without target_parameters still reads module-only adapters
+        config["target_parameters"] = list(parameters)
     (Path(dst) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

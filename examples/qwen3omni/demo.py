@@ -62,7 +62,12 @@ def build_hf_model(hf_dir: Path) -> None:
     cfg = Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=TINY_TALKER, code2wav_config=TINY_CODE2WAV,
                              enable_audio_output=True)
     torch.manual_seed(0)
-    Qwen3OmniMoeForConditionalGeneration(cfg).save_pretrained(hf_dir)
+    model = Qwen3OmniMoeForConditionalGeneration(cfg)
+    with torch.no_grad():  # transformers leaves the talker's fused experts uninitialised (torch.empty: may hold NaN)
+        for name, p in model.talker.named_parameters():
+            if ".experts." in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(hf_dir)
     build_tiny_qwen3_omni_processor(hf_dir)
 
 

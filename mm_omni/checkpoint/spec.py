@@ -36,6 +36,10 @@ convert state dicts in memory through the same table with ``converters.common.co
                         (one tensor per expert -> one ``gate_up_proj``); default: the same.
     ``precision``       :class:`Precision` (``--cfg.test_convert_precision``), or None (then the option
                         is refused).
+    ``fused_parameter`` the stored (canonical) HF weights of one table entry -> ``(canonical name of the
+                        transformers parameter holding them fused, expert index)``, or None for weights that
+                        are a module's own (``gate_proj`` + ``up_proj`` of expert E -> ``gate_up_proj``, E):
+                        where a PEFT adapter uses ``target_parameters``; default: never fused.
 
 :class:`ModuleSpec` fields
     ``name``            key of the layout ("text", "vision", "audio") and of the table entries' ``module``.
@@ -77,6 +81,10 @@ def _accepts(cfg) -> None:
 
 def _as_stored(cfg, state: dict) -> dict:
     return state
+
+
+def _never_fused(hf_names: Sequence[str]) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,7 @@ class ConverterSpec:
     tie: Optional[Tie] = None
     precision: Optional[Precision] = None
     checkpoint_state: Callable[[Any, dict], dict] = _as_stored
+    fused_parameter: Callable[[Sequence[str]], Optional[tuple[str, int]]] = _never_fused
 
     # -- derived views (no state) -------------------------------------------------------------------
     def rules(self, cfg) -> list[Rule]:

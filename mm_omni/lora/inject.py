@@ -9,9 +9,11 @@ appear in the full name at a component boundary (MindSpeed-MM / ms-swift spellin
     text_decoder.decoder.layers.0.self_attention.linear_qkv   # one layer (global layer numbers)
     all-linear  (or all)                               # every linear but the output layer
     image_encoder.  (a path and a dot)                 # every linear under image_encoder
+    mlp.experts.                                       # every expert of a MoE decoder (one adapter each)
 
 Values may also be comma-separated. Names use global layer numbers (pipeline stages renumber their
-layers from 0; the adapter's seed and the match use the global number), so every TP / PP / DP layout
+layers from 0; the adapter's seed and the match use the global number) and global expert numbers
+(``local_experts.<i>`` of EP rank r is expert ``r * local + i``), so every TP / PP / DP / EP layout
 adapts the same layers with the same initial ``A``. A target that matches nothing on any rank, or a
 module that is not a linear, fails naming it. Modules that model.json freezes get no adapter (their
 weights are frozen already; a LoRA there would train them anyway): logged.
@@ -32,17 +34,26 @@ from mm_omni.lora.targets import LoraTargetError, Target, parse_targets
 logger = logging.getLogger(__name__)
 
 _LAYER_INDEX = re.compile(r"(^|\.)layers\.(\d+)(?=\.|$)")
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)(?=\.|$)")
 
 
 def global_name(model: torch.nn.Module, name: str) -> str:
-    """``name`` with each ``layers.<i>`` of a megatron ``TransformerLayer`` replaced by its global index."""
-    def repl(m: re.Match) -> str:
-        layer = model.get_submodule(name[:m.end()])
-        number = getattr(layer, "layer_number", None)
+    """``name`` with each ``layers.<i>`` of a megatron ``TransformerLayer`` replaced by its global index, and
+    each ``local_experts.<i>`` of an expert-parallel rank by its global expert number."""
+    def layer(m: re.Match) -> str:
+        module = model.get_submodule(name[:m.end()])
+        number = getattr(module, "layer_number", None)
         index = number - 1 if isinstance(number, int) else int(m.group(2))
         return f"{m.group(1)}layers.{index}"
 
-    return _LAYER_INDEX.sub(repl, name)
+    def expert(m: re.Match) -> str:
+        experts = model.get_submodule(name[:m.start()])  # megatron's SequentialMLP: this rank's experts
+        group = getattr(experts, "ep_group", None)
+        rank = group.rank() if group is not None and group.size() > 1 else 0
+        return f".local_experts.{rank * experts.num_local_experts + int(m.group(1))}"
+
+    # experts first: they come after the layer index, so the layer matches keep their places in ``name``
+    return _LAYER_INDEX.sub(layer, _LOCAL_EXPERT.sub(expert, name))
 
 
 def _is_linear(module: torch.nn.Module) -> bool:

@@ -46,6 +46,8 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
+from mm_omni.lora.targets import LoraTargetError
+
 
 class LoraMixin:
     """State and shared pieces of both adapters (mixed into a subclass of the base linear)."""
@@ -68,6 +70,9 @@ class LoraMixin:
         self.lora_r, self.lora_alpha, self.lora_scale = r, alpha, alpha / r
         for p in (self.lora_A.weight, self.lora_B.weight):
             p.is_lora = True
+            # an expert's weight (expert parallel) is reduced over the expert-data-parallel group, not the
+            # whole data-parallel one: megatron's DDP reads this flag, and the adapter's gradient is the expert's
+            p.allreduce = getattr(weight, "allreduce", True)
 
     def _lora_input(self, x: torch.Tensor, rank_local: bool) -> torch.Tensor:
         if isinstance(self.lora_dropout, torch.nn.Identity) or not self.training:
@@ -140,6 +145,12 @@ def add_lora(linear: torch.nn.Module, r: int, alpha: float, dropout: float, gene
         raise ValueError(f"{type(linear).__name__} already has a LoRA adapter")
     if getattr(linear, "weight", None) is None:
         raise ValueError(f"{type(linear).__name__} has no weight of its own (skip_weight_param_allocation)")
+    if getattr(linear, "is_expert", False) and linear.tp_group is not None and linear.tp_group.size() > 1:
+        # the token dispatcher does an expert linear's tensor-parallel communication (explicit_expert_comm):
+        # an adapter's collectives would double it
+        raise LoraTargetError("LoRA on the experts needs --expert-tensor-parallel-size 1 (experts tensor-parallel "
+                              f"over {linear.tp_group.size()} ranks here): split the experts with "
+                              "--expert-model-parallel-size instead, or leave them out of --lora-target-modules")
     if isinstance(linear, ColumnParallelLinear):
         linear.__class__ = _subclass(type(linear), LoraColumnParallelLinear)
         full_a = kaiming_a(r, linear.input_size, generator)

@@ -6,7 +6,9 @@ default loss mode and with ``--calculate-per-token-loss``: losses, grad norms an
 loss agree to rel 1e-5 (same math, other summation orders, as for the dense layouts). A wrong scale of the
 load-balancing gradient (its coefficient is large here) or an expert gradient reduced like a dense one moves
 the grad norm far more. A run saved at EP 2 and resumed gives the uninterrupted run's next losses bit for bit,
-from one rank directory per EP rank (``mp_rank_00_000_00E``) holding its experts numbered locally.
+from one rank directory per EP rank (``mp_rank_00_000_00E``) holding its experts numbered locally. LoRA on
+attention, the dense MLP and every expert, and every layer recomputed in the backward (the router's
+load-balancing loss counted once): EP 2 follows 1 process as well.
 """
 
 from __future__ import annotations
@@ -61,14 +63,21 @@ def results(tmp_path_factory):
               "--clip-grad", "1.0", "--seed", "7"]
     ep2 = ["--expert-model-parallel-size", "2"]
     tok = ["--calculate-per-token-loss"]
+    # adapters on attention, the dense MLP and every expert (one per expert linear); only they train
+    lora = ["--lora-target-modules", "linear_qkv", "linear_fc1", "linear_fc2", "--lora-r", "4", "--lora-alpha", "8",
+            "--lr", "1e-2"]
     ckpt, ckpt_do = d / "ckpt", d / "ckpt_do"
     stop = ["--save-interval", "2", "--exit-interval", "2"]
     init = str(d / "init.pt")
-    out1 = run_torchrun(WORKER, 1, str(d), init, *_runs(("ref", common), ("ref_tok", common + tok)), timeout=900)
+    out1 = run_torchrun(WORKER, 1, str(d), init, *_runs(("ref", common), ("ref_tok", common + tok),
+                                                          ("ref_lora", common + lora)), timeout=900)
     out2 = run_torchrun(WORKER, 2, str(d), init, *_runs(
         ("ep2", common + ep2),
         ("ep2_tok", common + ep2 + tok),
         ("ep2_do", common + ep2 + ["--use-distributed-optimizer"]),
+        ("ep2_recompute", common + ep2 + ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                          "--recompute-num-layers", "1"]),
+        ("ep2_lora", common + ep2 + lora + ["--save", str(d / "ckpt_lora"), "--save-interval", str(ITERS)]),
         ("stopped", common + ep2 + ["--save", str(ckpt)] + stop),
         ("resumed", common + ep2 + ["--save", str(ckpt), "--load", str(ckpt)]),
         ("stopped_do", common + ep2 + ["--use-distributed-optimizer", "--save", str(ckpt_do)] + stop),
@@ -97,7 +106,8 @@ def _close(a: list, b: list, what: str) -> None:
     assert worst <= RTOL, f"{what}: {a} vs {b}"
 
 
-@pytest.mark.parametrize("ref,run", [("ref", "ep2"), ("ref_tok", "ep2_tok"), ("ref", "ep2_do")])
+@pytest.mark.parametrize("ref,run", [("ref", "ep2"), ("ref_tok", "ep2_tok"), ("ref", "ep2_do"),
+                                     ("ref", "ep2_recompute")])
 def test_ep2_follows_one_process(results, ref, run):
     d, _ = results
     ref_recs, recs = _read(d, ref, 1), _read(d, run, 2)
@@ -110,6 +120,26 @@ def test_ep2_follows_one_process(results, ref, run):
     for rec in recs:  # two experts per rank, numbered locally; no token dropping
         assert rec["built"] == {"ep": 2, "etp": 1, "capacity_factor": None,
                                 "experts": [".local_experts.0.", ".local_experts.1."]}
+
+
+def test_ep2_lora_on_experts_follows_one_process(results):
+    """An expert's adapter is reduced over the expert-data-parallel group like the expert's weight (reduced
+    over all data-parallel ranks it would be averaged with another expert's) and starts from the same ``A``
+    (seeded by the global expert number) at EP 1 and EP 2; the save holds each EP rank's expert adapters."""
+    d, _ = results
+    want, got = _curves(_read(d, "ref_lora", 1)), _curves(_read(d, "ep2_lora", 2))
+    assert want[0][-1] < want[0][0]
+    for what, a, b in zip(("loss", "grad norm", "load-balancing loss"), got, want):
+        _close(a, b, f"ep2_lora {what}")
+    import torch
+
+    step = d / "ckpt_lora" / f"iter_{ITERS:07d}"
+    for ep in range(2):
+        state = torch.load(step / f"mp_rank_00_000_{ep:03d}" / "model_optim_rng.pt", weights_only=False)["model"]
+        assert state and all(".lora_" in k for k in state if not k.endswith("._extra_state")), sorted(state)[:4]
+        experts = {m.group(1) for k in state for m in [re.search(r"\.local_experts\.(\d+)\.linear_fc1\.lora_B", k)]
+                   if m}
+        assert experts == {"0", "1"}, experts
 
 
 def test_load_balancing_loss_logged_next_to_lm_loss(results):

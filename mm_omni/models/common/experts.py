@@ -8,6 +8,10 @@ reduction over the expert-data-parallel group are ``SequentialMLP``'s) and, on C
 all local experts in two ``torch.nn.functional.grouped_mm`` calls instead of two GEMMs per expert.
 Everywhere else (CPU, fp32, fp16, biases, fp8) it is ``SequentialMLP``'s loop: torch's CPU grouped GEMM
 has no reliable backward.
+
+LoRA adapters on the experts (one per expert linear, ``mm_omni.lora``) join the grouped path as two more
+grouped GEMMs per projection (``x A_e^T`` then ``B_e``) when every local expert's projection has one of the
+same rank (a multiple of 8: the grouped GEMM's 16-byte strides in bf16); any other mix takes the loop.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class GroupedExperts(SequentialMLP):
                 and len(self.local_experts) > 1 and cfg.gated_linear_unit and not cfg.add_bias_linear
                 and not (cfg.fp8 or cfg.fp4) and not cfg.moe_apply_probs_on_input
                 and cfg.activation_func_clamp_value is None and cfg.glu_linear_offset == 0.0
-                and expert.linear_fc1.bias is None and expert.linear_fc2.bias is None)
+                and expert.linear_fc1.bias is None and expert.linear_fc2.bias is None
+                and all(_adapters(self.local_experts, fc) is not None for fc in ("linear_fc1", "linear_fc2")))
 
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor):
@@ -44,8 +49,32 @@ class GroupedExperts(SequentialMLP):
         fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2 f, h]
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, h, f]
         inter = F.grouped_mm(hidden, fc1.transpose(-2, -1), offs=offs)
+        inter = inter + _grouped_lora(self.local_experts, "linear_fc1", hidden, offs)
         gate, up = inter.chunk(2, dim=-1)
         # as megatron's MLP: act(gate) * up, scaled by each token's routing probability before fc2
         inter = (self.config.activation_func(gate) * up * permuted_probs.unsqueeze(-1)).to(hidden.dtype)
         out = F.grouped_mm(inter, fc2.transpose(-2, -1), offs=offs)
-        return out, None
+        return out + _grouped_lora(self.local_experts, "linear_fc2", inter, offs), None
+
+
+def _adapters(experts, fc: str):
+    """``[]`` when no local expert's ``fc`` has a LoRA adapter, the adapted linears when all have one of one
+    rank (a multiple of 8) and scale, else None (the loop handles it)."""
+    linears = [getattr(e, fc) for e in experts]
+    ranks = {getattr(m, "lora_r", None) for m in linears}
+    if ranks == {None}:
+        return []
+    if len(ranks) != 1 or None in ranks or next(iter(ranks)) % 8 or len({m.lora_scale for m in linears}) != 1:
+        return None
+    return linears
+
+
+def _grouped_lora(experts, fc: str, x: torch.Tensor, offs: torch.Tensor):
+    """``scale * B_e A_e x`` for each expert's rows of ``x`` (0 without adapters)."""
+    linears = _adapters(experts, fc)
+    if not linears:
+        return 0
+    a = torch.stack([m.lora_A.weight for m in linears])  # [E, r, in]
+    b = torch.stack([m.lora_B.weight for m in linears])  # [E, out, r]
+    h = F.grouped_mm(linears[0]._lora_input(x, rank_local=False), a.transpose(-2, -1), offs=offs)
+    return F.grouped_mm(h, b.transpose(-2, -1), offs=offs) * linears[0].lora_scale

@@ -25,5 +25,6 @@ SPEC = ConverterSpec(
     derived=hf_mapping.DERIVED,
     tie=hf_mapping.TIE,
     checkpoint_state=hf_mapping.checkpoint_state,
+    fused_parameter=hf_mapping.fused_parameter,
     precision=Precision(model=precision.build_model, compare=precision.compare),
 )

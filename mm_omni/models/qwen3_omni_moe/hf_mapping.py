@@ -15,6 +15,7 @@ never converted, carried over from the HF files.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from mm_omni.checkpoint.mapping import HfNames, Map
 from mm_omni.models.audio_aut import hf_mapping as audio
@@ -78,3 +79,17 @@ def checkpoint_state(thinker, state: dict) -> dict:
                 out[f"{base}.{e}.gate_proj.weight"] = t[e, :half]
                 out[f"{base}.{e}.up_proj.weight"] = t[e, half:]
     return out
+
+
+_STORED_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_FUSED = {("gate", "up"): "gate_up_proj", ("down",): "down_proj"}  # rows [gate; up], as checkpoint_state splits
+
+
+def fused_parameter(hf_names) -> tuple[str, int] | None:
+    """One expert's stored weights (``...mlp.experts.E.gate_proj.weight`` + ``up_proj``, or ``down_proj``) ->
+    (transformers' fused parameter ``...mlp.experts.gate_up_proj`` / ``down_proj``, E); None for the rest."""
+    found = [_STORED_EXPERT.match(n) for n in hf_names]
+    if not found or not all(found) or len({(m.group(1), m.group(2)) for m in found}) != 1:
+        return None
+    leaf = _FUSED.get(tuple(m.group(3) for m in found))
+    return None if leaf is None else (f"{found[0].group(1)}.{leaf}", int(found[0].group(2)))

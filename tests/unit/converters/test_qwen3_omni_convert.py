@@ -237,3 +237,110 @@ def test_precision_check_passes(sane_hf_dir, tmp_path, caplog):
     checked = [r.getMessage() for r in caplog.records if "rel max error" in r.getMessage()]
     assert len(checked) == 5, checked  # merged vision features, 2 deepstack mergers, audio, logits
     assert any(m.startswith("test_convert_precision: deepstack merger 1") for m in checked)
+
+
+def _adapter_only_save(base: Path, dst: Path, r: int = 4, alpha: float = 8.0) -> Path:
+    """What a LoRA run at EP 2 saves (adapters only, one rank directory per EP rank) over ``base``: adapters on
+    every decoder layer's fused QKV and every expert's two linears, ``A`` and ``B`` random and seeded by the
+    global name (attention's replicated over EP ranks, each expert's its own)."""
+    import re
+    import zlib
+
+    targets = re.compile(r"text_decoder\.decoder\.layers\.\d+\.(self_attention\.linear_qkv|mlp\.experts\."
+                         r"local_experts\.(\d+)\.linear_fc[12])\.weight$")
+    for rank_file in sorted((base / "release").glob("*/*.pt")):
+        ep_rank = int(rank_file.parent.name.rsplit("_", 1)[1])
+        adapters = {}
+        for name, w in torch.load(rank_file, weights_only=True)["model"].items():
+            m = targets.match(name)
+            if m is None:
+                continue
+            glob = name if m.group(2) is None else name.replace(
+                f"local_experts.{m.group(2)}.", f"local_experts.{ep_rank * E // 2 + int(m.group(2))}.")
+            gen = torch.Generator().manual_seed(zlib.crc32(glob.encode()))
+            stem = name.removesuffix(".weight")
+            adapters[f"{stem}.lora_A.weight"] = (torch.randn(r, w.shape[1], generator=gen) * 0.1).to(w.dtype)
+            adapters[f"{stem}.lora_B.weight"] = (torch.randn(w.shape[0], r, generator=gen) * 0.1).to(w.dtype)
+        out = dst / "release" / rank_file.parent.name
+        out.mkdir(parents=True)
+        torch.save({"model": adapters, "checkpoint_version": 3.0, "args": {"lora_alpha": alpha, "lora_r": r}},
+                   out / rank_file.name)
+    (dst / "latest_checkpointed_iteration.txt").write_text("release")
+    return dst
+
+
+def test_expert_parallel_lora_adapters_merge_like_a_hand_merge(hf_dir, tmp_path):
+    """mm_to_hf of an EP-2 base with an EP-2 adapter-only save (``lora_load_dir``) equals mm_to_hf of the base
+    with ``W + alpha/r * B @ A`` merged by hand into each rank file: every expert's adapter reaches its own
+    global expert, the attention adapters once."""
+    import shutil
+
+    from mm_omni.lora.merge import merged_weight
+
+    base = hf_to_mm(hf_dir, tmp_path / "mm", LAYOUTS["ep2"])
+    adapters = _adapter_only_save(base, tmp_path / "lora")
+    hand = tmp_path / "hand"
+    shutil.copytree(base, hand)
+    n = 0
+    for rank_file in sorted((hand / "release").glob("*/*.pt")):
+        payload = torch.load(rank_file, weights_only=False)
+        lora = torch.load(adapters / "release" / rank_file.parent.name / rank_file.name, weights_only=True)["model"]
+        for name in list(payload["model"]):
+            stem = name.removesuffix(".weight")
+            if f"{stem}.lora_A.weight" in lora:
+                payload["model"][name] = merged_weight(payload["model"][name], lora[f"{stem}.lora_A.weight"],
+                                                       lora[f"{stem}.lora_B.weight"], 8.0 / 4)
+                n += 1
+        torch.save(payload, rank_file)
+    assert n == 2 * (2 + 2 * E // 2 * 2)  # per EP rank: 2 layers x (QKV + 2 local experts x 2 linears)
+    merged = tmp_path / "merged"
+    converter().mm_to_hf(MmToHfConfig(mm_dir=base, hf_config={"hf_dir": hf_dir}, save_hf_dir=merged,
+                                      lora_load_dir=adapters))
+    by_hand = mm_to_hf(hand, hf_dir, tmp_path / "by_hand")
+    assert_same_tensors(load_hf(merged), load_hf(by_hand))
+    original, out = load_hf(hf_dir), load_hf(merged)
+    changed = {k for k in out if not torch.equal(out[k], original[k])}
+    assert {k for k in changed if ".mlp.experts." in k} == {
+        f"thinker.model.layers.{i}.mlp.experts.{e}.{p}_proj.weight" for i in range(2) for e in range(E)
+        for p in ("gate", "up", "down")}
+
+
+def test_expert_lora_as_peft_adapter_matches_the_merged_export(sane_hf_dir, tmp_path):
+    """``save_lora_as_peft`` of the EP-2 adapters: attention adapters on q/k/v modules, each layer's expert
+    adapters on transformers' fused ``gate_up_proj`` / ``down_proj`` (peft's ``target_parameters``); peft on
+    hf_dir's thinker gives the merged export's logits."""
+    import warnings
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeForConditionalGeneration
+
+    from tests.helpers import rel_err
+
+    base = hf_to_mm(sane_hf_dir, tmp_path / "mm", LAYOUTS["ep2"])
+    adapters = _adapter_only_save(base, tmp_path / "lora")
+    merged, peft_dir = tmp_path / "merged", tmp_path / "peft"
+    for out, as_peft in ((merged, False), (peft_dir, True)):
+        converter().mm_to_hf(MmToHfConfig(mm_dir=base, hf_config={"hf_dir": sane_hf_dir}, save_hf_dir=out,
+                                          lora_load_dir=adapters, save_lora_as_peft=as_peft))
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [f"model.language_model.layers.{i}.mlp.experts.{p}" for i in range(2)
+                                           for p in ("gate_up_proj", "down_proj")]
+    saved = load_file(peft_dir / "adapter_model.safetensors")
+    experts = "base_model.model.model.language_model.layers.0.mlp.experts."
+    assert saved[f"{experts}base_layer.lora_A.weight"].shape == (E * 4, TEXT["hidden_size"])  # gate_up: [E r, h]
+    assert saved[f"{experts}lora_B.weight"].shape == (TEXT["hidden_size"], 4 * E)  # down: [h, r E]
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = Qwen3OmniMoeForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).thinker.eval()
+    thinker = Qwen3OmniMoeForConditionalGeneration.from_pretrained(sane_hf_dir, dtype=torch.float32).thinker.eval()
+    with torch.no_grad():
+        before = thinker(input_ids=ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(thinker, peft_dir).eval()
+    assert not [w for w in caught if "adapter keys" in str(w.message)], [str(w.message) for w in caught]
+    assert len({k for k in peft_model.state_dict() if ".lora_" in k}) == len(saved)
+    with torch.no_grad():
+        want, got = ref(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    assert rel_err(before, want) > 1e-2  # the adapters matter
+    assert rel_err(got, want) < 1e-5, rel_err(got, want)

@@ -64,7 +64,7 @@ def test_launcher_flags_parse_and_validate(tmp_path, launch_root, monkeypatch, s
     assert (model_cfg.audio_token_id, model_cfg.audio_start_token_id, model_cfg.audio_end_token_id,
             model_cfg.image_token_id, model_cfg.video_token_id) == (151675, 151669, 151670, 151655, 151656)
     if lora:
-        assert args.lora_target_modules == ["linear_qkv", "linear_proj"] and args.lora_r == 8 and args.lr == 1e-4
+        assert args.lora_target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"] and args.lora_r == 8 and args.lr == 1e-4
         assert args.recompute_granularity is None
     else:
         assert not getattr(args, "lora_target_modules", None) and args.lr == 1e-5
