@@ -15,6 +15,9 @@ peak GiB, the ratio, a per-module breakdown (each module's fwd+bwd timed on its 
 encoder, audio encoder, decoder incl. output layer and loss) and both losses.
 
     python bench/omni_step.py [--iters 10] [--rows ref,heavy,mixed] [--variants base,fused,graphs]
+
+``--family qwen3_omni_moe`` runs the Qwen3-Omni-30B-A3B thinker's benchmark instead
+(bench/qwen3_omni_step.py, with the arguments that follow; its own ``--help`` lists them).
 """
 
 from __future__ import annotations
@@ -397,8 +400,20 @@ def set_variant(ours, name: str) -> None:
                 m.graphed_blocks = None
 
 
+FAMILIES = ("qwen2_5_omni", "qwen3_omni_moe")
+
+
 def main() -> None:
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--family", choices=FAMILIES, default="qwen2_5_omni")
+    known, rest = first.parse_known_args()
+    if known.family == "qwen3_omni_moe":
+        import qwen3_omni_step  # bench/qwen3_omni_step.py
+
+        return qwen3_omni_step.main(rest)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_omni",
+                        help="qwen3_omni_moe: bench/qwen3_omni_step.py with the other arguments")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rows", default="ref,heavy,mixed", help="any of ref, heavy, mixed (packed vs padded)")
     parser.add_argument("--variants", default="base,fused,graphs", help=f"ours, any of {list(VARIANTS)}")

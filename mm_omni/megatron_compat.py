@@ -44,3 +44,26 @@ def moe_router_without_transformer_engine() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def reset_moe_metric(name: str, num_layers: int, device, reduce_group) -> None:
+    """megatron's per-layer record ``name`` (e.g. the routers' ``load_balancing_loss``) emptied and sized for a
+    model of ``num_layers`` layers, reduced over ``reduce_group``: also on a rank whose layers record nothing.
+
+    0.16 keeps the records in a module-level dict (``get_moe_layer_wise_logging_tracker()``); 0.19 in a
+    ``MoEMetricsTracker`` whose ``get_moe_layer_wise_logging_tracker()`` returns a fresh copy (writes to it are
+    lost) and whose ``clear()`` zeroes an entry but keeps its size, that of the first model that recorded it.
+    """
+    import torch
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker_of = getattr(moe_utils, "get_moe_metrics_tracker", None)
+    if tracker_of is None:  # 0.16
+        moe_utils.get_moe_layer_wise_logging_tracker()[name] = {
+            "values": torch.zeros(num_layers, device=device), "reduce_group": reduce_group, "avg_group": None,
+            "reduce_group_has_dp": False}
+        return
+    tracker = tracker_of()
+    tracker.metrics.pop(name, None)
+    tracker.ensure_initialized(name, num_layers, device=device)
+    tracker.metrics[name].reduce_group = reduce_group

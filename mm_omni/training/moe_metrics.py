@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker,
-                                                     track_moe_metrics)
+from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
 from mm_omni import platform
+from mm_omni.megatron_compat import reset_moe_metric
 
 NAME = "load_balancing_loss"
 
@@ -32,13 +31,10 @@ def has_experts(config) -> bool:
 
 def start_tracker(config) -> None:
     """An empty entry on every rank (a pipeline stage without MoE layers records nothing but still joins
-    the reductions), with the group megatron's router reduces over; anything left from before is cleared."""
-    tracker = get_moe_layer_wise_logging_tracker()
-    if NAME not in tracker:
-        tracker[NAME] = {"values": torch.zeros(config.num_layers, device=platform.get_platform().device),
-                         "reduce_group": parallel_state.get_tensor_and_context_parallel_group(),
-                         "avg_group": None, "reduce_group_has_dp": False}
-    clear_aux_losses_tracker()
+    the reductions), sized for this model, with the group megatron's router reduces over; anything left
+    from before (another model in this process) is dropped."""
+    reset_moe_metric(NAME, config.num_layers, platform.get_platform().device,
+                     parallel_state.get_tensor_and_context_parallel_group())
 
 
 def step_load_balancing_loss(config, num_microbatches: int) -> Optional[float]:

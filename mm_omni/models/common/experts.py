@@ -5,7 +5,8 @@ megatron-core's grouped-GEMM experts need one of those two (``TEGroupedMLP``, ``
 ``[gate; up]``, ``local_experts.i.linear_fc2``), run one after the other on that expert's tokens.
 :class:`GroupedExperts` keeps those parameters (so checkpoints, expert parallelism and the gradient
 reduction over the expert-data-parallel group are ``SequentialMLP``'s) and, on CUDA in bf16, computes
-all local experts in two ``torch.nn.functional.grouped_mm`` calls instead of two GEMMs per expert.
+all local experts in two ``torch.nn.functional.grouped_mm`` calls instead of two GEMMs per expert
+(:class:`GroupedLinear`: without a second copy of the expert weights kept for the backward).
 Everywhere else (CPU, fp32, fp16, biases, fp8) it is ``SequentialMLP``'s loop: torch's CPU grouped GEMM
 has no reliable backward.
 
@@ -43,18 +44,43 @@ class GroupedExperts(SequentialMLP):
         hidden = permuted_local_hidden_states
         if not self._grouped(hidden):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
-        # the tokens come sorted by local expert; offs[i] = end row of expert i. Stacking the weights is
-        # one copy of this rank's expert weights per forward (its backward hands each expert its slice)
+        # the tokens come sorted by local expert; offs[i] = end row of expert i
         offs = tokens_per_expert.to(device=hidden.device).cumsum(0).to(torch.int32)
-        fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2 f, h]
-        fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, h, f]
-        inter = F.grouped_mm(hidden, fc1.transpose(-2, -1), offs=offs)
+        inter = GroupedLinear.apply(hidden, offs, *[e.linear_fc1.weight for e in self.local_experts])  # [gate; up]
         inter = inter + _grouped_lora(self.local_experts, "linear_fc1", hidden, offs)
         gate, up = inter.chunk(2, dim=-1)
         # as megatron's MLP: act(gate) * up, scaled by each token's routing probability before fc2
         inter = (self.config.activation_func(gate) * up * permuted_probs.unsqueeze(-1)).to(hidden.dtype)
-        out = F.grouped_mm(inter, fc2.transpose(-2, -1), offs=offs)
+        out = GroupedLinear.apply(inter, offs, *[e.linear_fc2.weight for e in self.local_experts])
         return out + _grouped_lora(self.local_experts, "linear_fc2", inter, offs), None
+
+
+class GroupedLinear(torch.autograd.Function):
+    """``x_e W_e^T`` for each expert e's rows of ``x`` (``offs``: their end rows), the weights given one per expert.
+
+    The weights are stacked for the grouped GEMM inside the forward and again inside the backward, and only
+    the expert parameters themselves are kept for it: ``F.grouped_mm``'s own backward would keep the stacked
+    copy from the forward to the backward, a second copy of every expert weight of every layer while the
+    activations live (1.2 GB a layer at Qwen3-Omni-30B-A3B's widths, 58 GB over its 48 layers). Weight
+    gradients are computed only for weights that need them (none for a frozen LoRA base); an expert that
+    got no token gets a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, offs, *weights)
+        return F.grouped_mm(x, torch.stack(weights).transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, offs, *weights = ctx.saved_tensors
+        grad_x = F.grouped_mm(grad, torch.stack(weights), offs=offs) if ctx.needs_input_grad[0] else None
+        grads = [None] * len(weights)
+        if any(ctx.needs_input_grad[2:]):
+            grad_w = F.grouped_mm(grad.t(), x, offs=offs)  # [E, out, in]: each expert's rows contracted
+            empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+            grad_w = grad_w.masked_fill(empty[:, None, None], 0)
+            grads = [grad_w[e] if ctx.needs_input_grad[2 + e] else None for e in range(len(weights))]
+        return (grad_x, None, *grads)
 
 
 def _adapters(experts, fc: str):
@@ -74,7 +100,5 @@ def _grouped_lora(experts, fc: str, x: torch.Tensor, offs: torch.Tensor):
     linears = _adapters(experts, fc)
     if not linears:
         return 0
-    a = torch.stack([m.lora_A.weight for m in linears])  # [E, r, in]
-    b = torch.stack([m.lora_B.weight for m in linears])  # [E, out, r]
-    h = F.grouped_mm(linears[0]._lora_input(x, rank_local=False), a.transpose(-2, -1), offs=offs)
-    return F.grouped_mm(h, b.transpose(-2, -1), offs=offs) * linears[0].lora_scale
+    h = GroupedLinear.apply(linears[0]._lora_input(x, rank_local=False), offs, *[m.lora_A.weight for m in linears])
+    return GroupedLinear.apply(h, offs, *[m.lora_B.weight for m in linears]) * linears[0].lora_scale

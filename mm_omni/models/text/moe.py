@@ -63,10 +63,13 @@ def load_balancing_losses(num_layers: int, clear: bool = True) -> torch.Tensor:
 
     Read on one rank, unreduced (megatron's ``reduce_aux_losses_tracker_across_ranks`` averages them for
     logging)."""
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    from mm_omni.megatron_compat import reset_moe_metric
 
     entry = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
     values = torch.zeros(num_layers) if entry is None else entry["values"].detach().float().cpu().clone()
-    if clear:
-        clear_aux_losses_tracker()
+    if clear:  # emptied and sized for this model (a tracker left by another model keeps that model's size)
+        reset_moe_metric("load_balancing_loss", num_layers, "cpu" if entry is None else entry["values"].device,
+                         None if entry is None else entry.get("reduce_group"))
     return values
