@@ -29,7 +29,7 @@ and activations: the other model's parameters left out), a per-module breakdown 
 its own: vision encoder with its deepstack mergers, audio encoder, decoder incl. output layer and loss fed
 embeddings, without the deepstack additions) and the speedup transformers / ours of each.
 
-    python bench/qwen3_omni_step.py [--iters 10] [--rows ref,mixed] [--variants base,fused]
+    python bench/qwen3_omni_step.py [--iters 10] [--rows ref,mixed] [--variants base,fused,graphs]
         [--text-layers 4] [--vision-layers 8] [--audio-layers 8] [--hf-router-logits on|off] [--smoke]
     python bench/omni_step.py --family qwen3_omni_moe [the same arguments]
 """
@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mm_omni.platform import get_platform  # noqa: E402
-from omni_step import matmul_ceiling, measure, param_bytes  # noqa: E402  (bench/omni_step.py)
+from omni_step import VARIANTS, matmul_ceiling, measure, param_bytes, set_variant  # noqa: E402  (bench/omni_step.py)
 
 # the released tokenizer's special token ids (tests/fixtures/qwen3_omni_moe.py: QWEN3_OMNI_SPECIAL_TOKENS)
 IDS = dict(image_token_id=151655, video_token_id=151656, audio_token_id=151675, audio_start_token_id=151669,
@@ -286,7 +286,9 @@ class Side:
         text = self.model.text_decoder.config
         load_balancing_losses(text.num_layers)  # clears what the timed steps left in megatron's tracker
         self.zero()
-        self.outputs()  # megatron records it only in a forward with autograd on
+        # megatron records it only in a forward with autograd on; the backward releases the graphed encoders
+        # (a graph's forward without its backward leaves that graph to eager calls)
+        self.outputs()[0].backward()
         per_layer = load_balancing_losses(text.num_layers)
         return float(text.moe_aux_loss_coeff * per_layer.sum())
 
@@ -376,13 +378,6 @@ def build_models(dev, dtype):
     assert all(k.endswith("._extra_state") for k in missing), missing
     del state
     return cfg, mm_cfg, hf, ours
-
-
-VARIANTS = {"base": "full logits + megatron CE", "fused": "chunked fused CE (what training runs)"}
-
-
-def set_variant(ours, name: str) -> None:
-    ours.text_decoder.fused_lm_loss = name == "fused"
 
 
 def gib(n: float) -> float:
@@ -510,7 +505,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rows", default="ref,mixed", help="any of ref, mixed (padded and packed)")
-    parser.add_argument("--variants", default="base,fused", help=f"ours, any of {list(VARIANTS)}")
+    parser.add_argument("--variants", default="base,fused,graphs", help=f"ours, any of {list(VARIANTS)}")
     parser.add_argument("--text-layers", type=int, default=TEXT["layers"], help="MoE decoder layers (3 or more)")
     parser.add_argument("--vision-layers", type=int, default=VISION["layers"])
     parser.add_argument("--audio-layers", type=int, default=AUDIO["layers"])

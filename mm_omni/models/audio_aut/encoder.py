@@ -26,7 +26,7 @@ from mm_omni.models.audio.encoder import audio_transformer_config
 from mm_omni.models.audio.front_end import gather_chunks, sinusoid_table
 from mm_omni.models.audio.items import ClipItems
 from mm_omni.models.audio_aut.config import AuTEncoderConfig, conv_frames
-from mm_omni.models.audio_aut.layout import AuTLayout, aut_layout, aut_output_lengths
+from mm_omni.models.audio_aut.layout import AuTLayout, aut_layout, aut_output_lengths, window_params
 from mm_omni.models.common.layer_spec import transformer_layer_spec
 from mm_omni.models.common.transformer_config import ACTIVATIONS
 from mm_omni.platform import get_platform
@@ -49,6 +49,7 @@ class AuTTransformer(MegatronModule):
         self.register_buffer("positional_embedding", sinusoid_table(cfg.max_source_positions, d), persistent=False)
         self.blocks = TransformerBlock(config, transformer_layer_spec(AttnMaskType.no_mask), post_layer_norm=False,
                                        pg_collection=pg_collection)
+        self.graphed_blocks = None  # common.cuda_graphs.enable_encoder_cuda_graphs turns it on (CUDA only)
         self.ln_post = torch.nn.LayerNorm(d, eps=cfg.layernorm_epsilon, dtype=dtype)
         self.proj1 = torch.nn.Linear(d, d, dtype=dtype)
         self.act = ACTIVATIONS[cfg.activation_func]
@@ -60,11 +61,25 @@ class AuTTransformer(MegatronModule):
     def forward(self, input_features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
         layout = self.layout(feature_lens).to(input_features.device)
         chunks = gather_chunks(input_features, feature_lens.to(input_features.device), layout.chunks)
-        hidden = self.front_end(chunks[..., :layout.width], layout)
-        hidden = self.blocks(hidden[:, None], attention_mask=None, packed_seq_params=layout.packed_seq_params())
+        chunks = chunks[..., :layout.width]
+        if self.graphed_blocks is not None and self.graphed_blocks.usable(chunks):
+            # everything after the gather in one graph per (chunks, width, tokens, windows, longest window):
+            # the chunks and the layout's index tensors are its inputs
+            def fn(chunks, token_index, cu_seqlens, max_window=layout.max_window):
+                return self.encode_chunks(chunks, token_index, cu_seqlens, max_window)
+
+            return self.graphed_blocks.call(("aut", layout.max_window), self, fn, chunks, layout.token_index,
+                                            layout.cu_seqlens)
+        return self.encode_chunks(chunks, layout.token_index, layout.cu_seqlens, layout.max_window)
+
+    def encode_chunks(self, chunks: torch.Tensor, token_index: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_window: int) -> torch.Tensor:
+        """Convolutions -> blocks (attention inside each window) -> ``ln_post`` -> ``proj1`` -> act -> ``proj2``."""
+        hidden = self.front_end(chunks, token_index)
+        hidden = self.blocks(hidden[:, None], attention_mask=None, packed_seq_params=window_params(cu_seqlens, max_window))
         return self.proj2(self.act(self.proj1(self.ln_post(hidden[:, 0]))))
 
-    def front_end(self, chunks: torch.Tensor, layout: AuTLayout) -> torch.Tensor:
+    def front_end(self, chunks: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
         """[C, mel, width] zero-padded chunks -> the kept tokens [T, d_model], positions added per chunk."""
         chunks = chunks[:, None].to(self.conv2d1.weight.dtype)  # one input channel
         parts = []
@@ -76,7 +91,7 @@ class AuTTransformer(MegatronModule):
         n, c, f, t = hidden.shape
         hidden = self.conv_out(hidden.permute(0, 3, 1, 2).reshape(n, t, c * f))  # channel-major, then mel
         hidden = hidden + self.positional_embedding[:t].to(hidden.dtype)
-        return hidden.reshape(n * t, -1).index_select(0, layout.token_index)
+        return hidden.reshape(n * t, -1).index_select(0, token_index)
 
 
 class AuTEncoder(ClipItems, MegatronModule):

@@ -53,8 +53,13 @@ class AuTLayout:
         return AuTLayout(self.chunks.to(device), self.width, self.grid, *moved, self.max_window)
 
     def packed_seq_params(self) -> PackedSeqParams:
-        return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                               max_seqlen_q=self.max_window, max_seqlen_kv=self.max_window)
+        return window_params(self.cu_seqlens, self.max_window)
+
+
+def window_params(cu_seqlens: torch.Tensor, max_window: int) -> PackedSeqParams:
+    """Attention inside each window of ``cu_seqlens`` (the longest ``max_window`` tokens)."""
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_window, max_seqlen_kv=max_window)
 
 
 def aut_layout(feature_lens: torch.Tensor, n_window: int, n_window_infer: int) -> AuTLayout:

@@ -28,7 +28,7 @@ from mm_omni.models.vision.items import PatchItems
 from mm_omni.models.vision.patch_embed import PatchEmbed
 from mm_omni.models.vision.projector import PatchMerger
 from mm_omni.models.vision_qwen3.config import Qwen3VisionEncoderConfig
-from mm_omni.models.vision_qwen3.layout import Qwen3VisionLayout, qwen3_vision_layout
+from mm_omni.models.vision_qwen3.layout import Qwen3VisionLayout, frame_params, qwen3_vision_layout
 from mm_omni.platform import get_platform
 
 
@@ -55,6 +55,7 @@ class Qwen3VisionTransformer(MegatronModule):
                              f"{len(self.blocks.layers)}: a pipeline split of the Qwen3 vision encoder is not "
                              "supported (the deepstack features of every stage are needed): run it unsplit")
         self.taps = frozenset(cfg.deepstack_visual_indexes)
+        self.graphed_blocks = None  # common.cuda_graphs.enable_encoder_cuda_graphs turns it on (CUDA only)
 
     def layout(self, grid_thw: torch.Tensor) -> Qwen3VisionLayout:
         return qwen3_vision_layout(grid_thw, self.cfg.spatial_merge_size, self.cfg.num_position_embeddings)
@@ -71,9 +72,23 @@ class Qwen3VisionTransformer(MegatronModule):
         positions = (self.pos_embed(layout.interp_index) * layout.interp_weight[:, :, None]).sum(1)
         hidden = (hidden + positions.to(hidden.dtype))[:, None]  # megatron's [s, b=1, h]
         freqs = vision_rotary_freqs(layout.pos_hw, self.head_dim, self.cfg.rope_theta)
-        packed = layout.packed_seq_params()
-        # the layers one by one (what TransformerBlock.forward does without recompute, which the config
-        # refuses): the deepstack layers' outputs are needed with their graph
+        if self.graphed_blocks is not None and self.graphed_blocks.usable(hidden):
+            # one graph per (patches, frames, longest frame): the hidden states, the rotary table and the
+            # frame boundaries are its inputs; the last layer's output and the tapped layers' come back side
+            # by side in one tensor
+            def fn(hidden, freqs, cu_seqlens, max_len=host.max_seqlen):
+                out, tapped = self.run_blocks(hidden, freqs, frame_params(cu_seqlens, max_len))
+                return torch.cat([out] + [tapped[i] for i in sorted(tapped)], dim=-1)
+
+            both = self.graphed_blocks.call(("qwen3_vision", host.max_seqlen), self.blocks, fn, hidden, freqs,
+                                            layout.cu_seqlens)
+            out, *taps = both.split(self.cfg.hidden_size, dim=-1)
+            return out, dict(zip(sorted(self.taps), taps))
+        return self.run_blocks(hidden, freqs, layout.packed_seq_params())
+
+    def run_blocks(self, hidden: torch.Tensor, freqs: torch.Tensor, packed) -> tuple[torch.Tensor, dict]:
+        """The layers one by one (what TransformerBlock.forward does without recompute, which the config
+        refuses): the deepstack layers' outputs are needed with their graph. ``[n, h]`` and ``{layer: [n, h]}``."""
         hidden = make_viewless_tensor(inp=hidden, requires_grad=True, keep_graph=True)
         tapped = {}
         for layer in self.blocks.layers:

@@ -56,8 +56,13 @@ class Qwen3VisionLayout:
 
     def packed_seq_params(self) -> PackedSeqParams:
         """Attention inside each frame: one varlen call for the whole batch."""
-        return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        return frame_params(self.cu_seqlens, self.max_seqlen)
+
+
+def frame_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
+    """Attention inside each frame of ``cu_seqlens`` (the longest ``max_seqlen`` patches)."""
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
 def _bilinear_taps(index: torch.Tensor, size: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
