@@ -102,8 +102,8 @@ class GroupedLinear(torch.autograd.Function):
     """``x_e W_e^T`` for each expert e's rows of ``x`` (``offs``: their end rows), the weights given one per expert
     (``empty``: the experts without rows, when known on the host, else None).
 
-    The weights are stacked for the grouped GEMM inside the forward and again inside the backward, and only
-    the expert parameters themselves are kept for it: ``F.grouped_mm``'s own backward would keep the stacked
+    The weights are taken as one ``[E, out, in]`` tensor inside the forward and again inside the backward (a view
+    of their packed storage, else a stack), and only the expert parameters themselves are kept for it: ``F.grouped_mm``'s own backward would keep the stacked
     copy from the forward to the backward, a second copy of every expert weight of every layer while the
     activations live (1.2 GB a layer at Qwen3-Omni-30B-A3B's widths, 58 GB over its 48 layers). Weight
     gradients are computed only for weights that need them (none for a frozen LoRA base); an expert that
