@@ -380,6 +380,7 @@ VARIANTS = {
     "base": "full logits + megatron CE, eager encoders",
     "fused": "chunked fused CE, eager encoders",
     "graphs": "chunked fused CE, CUDA-graphed encoder blocks",
+    "mcore-dispatch": "graphs, megatron's own token dispatcher in the MoE layers (not the sync-free local one)",
 }
 
 
@@ -387,7 +388,8 @@ def set_variant(ours, name: str) -> None:
     from mm_omni.models.common.cuda_graphs import enable_encoder_cuda_graphs
 
     ours.text_decoder.fused_lm_loss = name != "base"
-    if name == "graphs":
+    set_megatron_dispatch(ours, name == "mcore-dispatch")
+    if name in ("graphs", "mcore-dispatch"):
         if getattr(ours, "_bench_graphs", None) is None:
             ours._bench_graphs = {m: None for m in ours.modules() if hasattr(m, "graphed_blocks")}
             enable_encoder_cuda_graphs(ours)
@@ -398,6 +400,21 @@ def set_variant(ours, name: str) -> None:
         for m in ours.modules():
             if hasattr(m, "graphed_blocks"):
                 m.graphed_blocks = None
+
+
+def set_megatron_dispatch(ours, on: bool) -> None:
+    """megatron's alltoall dispatcher in every MoE layer (on), else the one the model was built with."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    built = ours.__dict__.setdefault("_bench_dispatchers", {})
+    for m in ours.modules():
+        if isinstance(m, MoELayer):
+            built.setdefault(m, m.token_dispatcher)
+            m.token_dispatcher = (MoEAlltoAllTokenDispatcher(m.num_local_experts, m.local_expert_indices, config=m.config,
+                                                             pg_collection=get_default_pg_collection())
+                                  if on else built[m])
 
 
 FAMILIES = ("qwen2_5_omni", "qwen3_omni_moe")

@@ -55,7 +55,8 @@ class GroupedExperts(SequentialMLP):
         # the tokens come sorted by local expert; offs[i] = end row of expert i
         offs = tokens_per_expert.to(device=hidden.device).cumsum(0).to(torch.int32)
         # megatron's dispatchers hand the counts over on the host: the experts without a token are known
-        # there without a device sync (their weight gradients are zeroed one by one rather than by a mask)
+        # there without a device sync (their weight gradients are zeroed one by one rather than by a mask);
+        # common.token_dispatch keeps them on the device (a mask then)
         empty = None if tokens_per_expert.is_cuda else tuple((tokens_per_expert == 0).nonzero()[:, 0].tolist())
         fc1 = pack_expert_weights([e.linear_fc1.weight for e in self.local_experts])
         fc2 = pack_expert_weights([e.linear_fc2.weight for e in self.local_experts])

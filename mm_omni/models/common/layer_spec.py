@@ -24,7 +24,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -35,6 +35,7 @@ from megatron.core.transformer.transformer_layer import (
 from mm_omni.megatron_compat import moe_router_without_transformer_engine, transformer_layer_mlp
 from mm_omni.models.common.attention import CoreAttention
 from mm_omni.models.common.experts import GroupedExperts
+from mm_omni.models.common.token_dispatch import MoELayer
 
 
 class Norm:
@@ -163,7 +164,8 @@ def mlp_spec() -> ModuleSpec:
 
 
 def moe_spec() -> ModuleSpec:
-    """megatron's ``MoELayer``: its ``TopKRouter`` (weight ``router.weight``) and token dispatcher, and
+    """megatron's ``MoELayer``: its ``TopKRouter`` (weight ``router.weight``) and token dispatcher (a sync-free
+    one when every expert is local: ``common.token_dispatch``), and
     :class:`GroupedExperts` (expert ``i`` of this rank is ``experts.local_experts.i``, a gated MLP whose
     linears megatron marks as expert parameters: reduced over the expert-data-parallel group)."""
     moe_router_without_transformer_engine()
