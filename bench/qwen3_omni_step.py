@@ -31,6 +31,7 @@ embeddings, without the deepstack additions) and the speedup transformers / ours
 
     python bench/qwen3_omni_step.py [--iters 10] [--rows ref,mixed] [--variants base,fused,graphs]
         [--text-layers 4] [--vision-layers 8] [--audio-layers 8] [--hf-router-logits on|off] [--smoke]
+    python bench/qwen3_omni_step.py --lora-full-depth [--rows ref,mixed] [--lora-variants fused,mcore-dispatch]
     python bench/omni_step.py --family qwen3_omni_moe [the same arguments]
 """
 
@@ -465,7 +466,6 @@ def lora_full_depth(args, dev, dtype, ceiling: float, rows: dict) -> None:
     targets = [f"text_decoder.{t}" for t in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")]
     found = apply_lora(ours, parse_targets(targets), args.lora_r, 2.0 * args.lora_r, 0.0, seed=0)
     freeze_base([ours])
-    set_variant(ours, "fused")
     adapters = lora_parameters(ours)
     n_lora = sum(p.numel() for p in adapters.values())
     base = sum(p.numel() for p in ours.parameters()) - n_lora
@@ -473,9 +473,10 @@ def lora_full_depth(args, dev, dtype, ceiling: float, rows: dict) -> None:
           f"({sum('.local_experts.' in n for n in found['adapted'])} of them experts'): {base / 1e9:.2f} B frozen "
           f"parameters ({gib(param_bytes(ours)):.1f} GiB), {n_lora / 1e6:.1f} M trained; after build "
           f"{gib(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0:.1f} GiB allocated")
-    print(f"  {'row':8s} {'tokens':>7s} {'ms/step':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
+    print(f"  {'row, variant':22s} {'tokens':>7s} {'ms/step':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
           f"{'LM loss':>9s}")
-    for kind in args.rows.split(","):
+    for kind, variant in [(k, v) for k in args.rows.split(",") for v in args.lora_variants.split(",")]:
+        set_variant(ours, variant)
         batch = make_batch(rows[kind], None, mm_cfg, dev, dtype)
         side = Side("mm_omni", ours, batch["packed"], False)
         if torch.cuda.is_available():
@@ -489,7 +490,7 @@ def lora_full_depth(args, dev, dtype, ceiling: float, rows: dict) -> None:
         lora_fwd = sum(2 * p.numel() * (TEXT["topk"] / TEXT["experts"] if ".local_experts." in n else 1)
                        for n, p in adapters.items())
         executed = f["decoder"] * 2 / 3 + 3 * lora_fwd * batch["tokens"] + (f["vision"] + f["audio"]) / 3
-        print(f"  {kind:8s} {batch['tokens']:7d} {ms:8.1f} {batch['tokens'] / ms * 1e3:9.0f} {executed / ms / 1e9:8.1f} "
+        print(f"  {kind + ' ' + variant:22s} {batch['tokens']:7d} {ms:8.1f} {batch['tokens'] / ms * 1e3:9.0f} {executed / ms / 1e9:8.1f} "
               f"{executed / ms / 1e9 / ceiling:6.1%} {peak:9.1f} {loss:9.5f}")
     del ours
 
@@ -514,6 +515,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-full-depth", action="store_true",
                         help="ours alone at the released depth with LoRA on every decoder linear (no transformers)")
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-variants", default="fused", help="with --lora-full-depth: any of fused, mcore-dispatch")
     parser.add_argument("--smoke", action="store_true", help="tiny widths, fp32 on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
     if args.text_layers < 3:
