@@ -52,9 +52,6 @@ class AuTLayout:
         moved = [t.pin_memory().to(device, non_blocking=True) for t in (self.token_index, self.cu_seqlens)]
         return AuTLayout(self.chunks.to(device), self.width, self.grid, *moved, self.max_window)
 
-    def packed_seq_params(self) -> PackedSeqParams:
-        return window_params(self.cu_seqlens, self.max_window)
-
 
 def window_params(cu_seqlens: torch.Tensor, max_window: int) -> PackedSeqParams:
     """Attention inside each window of ``cu_seqlens`` (the longest ``max_window`` tokens)."""

@@ -46,6 +46,7 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         self.hidden_shape = tokens.shape
         self.routing_map = routing_map
         tokens = tokens.view(-1, tokens.shape[-1])
+        self.flat_shape = tokens.shape
         num_tokens = tokens.shape[0]
         # the (expert, token) pairs of the map, by expert then token: the True entries come first in a stable
         # ascending sort of "not routed", and there are num_tokens * topk of them
@@ -69,8 +70,9 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         return hidden_states
 
     def combine_postprocess(self, hidden_states: torch.Tensor):
-        restore = torch.Size((self.token_index.shape[0] // self.topk, self.hidden_shape[-1]))
-        return unpermute(hidden_states, self.token_index, restore_shape=restore, fused=False).view(self.hidden_shape)
+        out = unpermute(hidden_states, self.token_index, restore_shape=self.flat_shape, fused=False)
+        return out.view(self.hidden_shape)
+
 
 class MoELayer(moe_layer.MoELayer):
     """megatron's ``MoELayer``, its token dispatcher replaced by :class:`LocalTokenDispatcher` where that applies."""
